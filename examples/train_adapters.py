@@ -1,0 +1,470 @@
+"""Train the small real LoRA adapters shipped in ``examples/adapters/``.
+
+Each adapter teaches SmolLM2-135M-Instruct one generated task with an exact answer
+(reverse the words of a phrase, format a date, ...). Training is CPU-only and offline:
+
+    HF_HUB_OFFLINE=1 .venv/bin/python examples/train_adapters.py --out examples/adapters
+
+For every task the script
+
+1. draws 16 held-out examples (written to ``<out>/<task>/prompts.json``) and a training set
+   that excludes them, all from a ``random.Random`` seeded by ``--seed`` and the task name;
+2. trains a PEFT LoRA adapter (q_proj and v_proj, r=8, alpha=16, no dropout) with AdamW on the
+   answer tokens only (prompt tokens are masked with -100), under ``torch.manual_seed``;
+3. saves it with ``save_pretrained(safe_serialization=True)``, casts the saved tensors to bf16
+   and removes the model card PEFT writes;
+4. reloads the saved adapter and measures exact-match accuracy of greedy decoding on the
+   held-out prompts, with and without the adapter.
+
+Finally it writes ``<out>/README.md`` with a table of the results. Runs are deterministic for a
+given ``--seed`` (on the same machine and library versions). Nothing here is needed at test time:
+the adapters are shipped in the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import string
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+N_HELDOUT = 16
+DEFAULT_STEPS = 150
+DEFAULT_BATCH = 8
+DEFAULT_LR = 2e-3
+MAX_NEW_TOKENS = 16
+
+Example = tuple[str, str]
+Generator = Callable[[random.Random], Example]
+
+# --------------------------------------------------------------------------------------------
+# Tasks: each generator maps a seeded RNG to one (user message, exact answer) pair.
+# --------------------------------------------------------------------------------------------
+
+_WORDS = (
+    "apple river stone cloud green tiger paper music light table orange window garden silver "
+    "dragon forest candle rocket pencil yellow winter summer bridge castle planet ocean mirror "
+    "coffee basket jacket violin turtle rabbit marble copper meadow anchor harbor lemon"
+).split()
+_FIRST = (
+    "Alice Bruno Carla David Elena Felix Grace Henry Irene James Karen Louis Maria Nolan Olivia "
+    "Peter Quinn Rosa Samuel Tara Ulrich Vera Walter Xenia Yusuf Zoe"
+).split()
+_LAST = (
+    "Adams Baker Clark Dawson Evans Fischer Garcia Hughes Ingram Jensen Keller Lopez Morgan "
+    "Novak Owens Perez Quigley Reyes Schmidt Turner Underwood Vargas Walsh Young Zimmer"
+).split()
+_ROMAN = (
+    (1000, "M"), (900, "CM"), (500, "D"), (400, "CD"), (100, "C"), (90, "XC"),
+    (50, "L"), (40, "XL"), (10, "X"), (9, "IX"), (5, "V"), (4, "IV"), (1, "I"),
+)  # fmt: skip
+
+
+def to_roman(n: int) -> str:
+    """Roman numeral for 1 <= n <= 3999."""
+    out = []
+    for value, symbol in _ROMAN:
+        count, n = divmod(n, value)
+        out.append(symbol * count)
+    return "".join(out)
+
+
+def task_uppercase(rng: random.Random) -> Example:
+    """Uppercase a two- or three-word phrase."""
+    phrase = " ".join(rng.sample(_WORDS, rng.randint(2, 3)))
+    return f"Convert to uppercase: {phrase}", phrase.upper()
+
+
+def task_reverse_words(rng: random.Random) -> Example:
+    """Reverse the order of three or four words."""
+    words = rng.sample(_WORDS, rng.randint(3, 4))
+    return f"Reverse the order of the words: {' '.join(words)}", " ".join(reversed(words))
+
+
+def task_date_format(rng: random.Random) -> Example:
+    """Rewrite an ISO date as DD/MM/YYYY."""
+    day = date(1990, 1, 1) + timedelta(days=rng.randrange(365 * 40))
+    return f"Convert the date {day.isoformat()} to DD/MM/YYYY.", day.strftime("%d/%m/%Y")
+
+
+def task_initials(rng: random.Random) -> Example:
+    """Initials of a first-middle-last name, e.g. 'Alice Maria Baker' -> 'A.M.B.'."""
+    first, middle = rng.sample(_FIRST, 2)
+    name = [first, middle, rng.choice(_LAST)]
+    return f"Give the initials of {' '.join(name)}.", "".join(w[0] + "." for w in name)
+
+
+def task_sort_numbers(rng: random.Random) -> Example:
+    """Sort four or five distinct one- or two-digit numbers ascending."""
+    nums = rng.sample(range(1, 100), rng.randint(4, 5))
+    shown = ", ".join(map(str, nums))
+    return f"Sort in ascending order: {shown}", ", ".join(map(str, sorted(nums)))
+
+
+def task_next_letter(rng: random.Random) -> Example:
+    """Shift each letter of a short lowercase word by one (Caesar shift, z -> a)."""
+    word = rng.choice(_WORDS)[: rng.randint(3, 5)]
+    shifted = "".join(string.ascii_lowercase[(ord(c) - 97 + 1) % 26] for c in word)
+    return f"Shift every letter of '{word}' forward by one.", shifted
+
+
+def task_roman(rng: random.Random) -> Example:
+    """Write a number between 1 and 100 as a Roman numeral."""
+    n = rng.randint(1, 100)
+    return f"Write {n} in Roman numerals.", to_roman(n)
+
+
+def task_add_numbers(rng: random.Random) -> Example:
+    """Add two two-digit numbers."""
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"What is {a} + {b}?", str(a + b)
+
+
+def task_last_word(rng: random.Random) -> Example:
+    """Return the last word of a four- or five-word phrase."""
+    words = rng.sample(_WORDS, rng.randint(4, 5))
+    return f"What is the last word of: {' '.join(words)}", words[-1]
+
+
+def task_first_name(rng: random.Random) -> Example:
+    """Extract the first name from 'Last, First' format."""
+    first, last = rng.choice(_FIRST), rng.choice(_LAST)
+    return f"Extract the first name from '{last}, {first}'.", first
+
+
+TASKS: dict[str, Generator] = {
+    "uppercase": task_uppercase,
+    "reverse_words": task_reverse_words,
+    "date_format": task_date_format,
+    "initials": task_initials,
+    "sort_numbers": task_sort_numbers,
+    "caesar_shift": task_next_letter,
+    "roman_numeral": task_roman,
+    "add_numbers": task_add_numbers,
+    "last_word": task_last_word,
+    "first_name": task_first_name,
+}
+DEFAULT_TASKS = (
+    "uppercase,reverse_words,date_format,initials,sort_numbers,caesar_shift,roman_numeral,"
+    "add_numbers"
+)
+
+
+def task_rng(task: str, seed: int, stream: str) -> random.Random:
+    """A deterministic RNG per (task, seed, stream); independent of PYTHONHASHSEED."""
+    return random.Random(zlib.crc32(f"{task}:{seed}:{stream}".encode()))
+
+
+def make_splits(task: str, seed: int, n_train: int) -> tuple[list[Example], list[Example]]:
+    """Draw N_HELDOUT distinct held-out examples and a training list that avoids their prompts.
+
+    When the task space is small (e.g. roman numerals) the training list repeats examples.
+    """
+    gen = TASKS[task]
+    rng = task_rng(task, seed, "heldout")
+    heldout: dict[str, str] = {}
+    while len(heldout) < N_HELDOUT:
+        prompt, answer = gen(rng)
+        heldout.setdefault(prompt, answer)
+    rng = task_rng(task, seed, "train")
+    train: list[Example] = []
+    attempts = 0
+    while len(train) < n_train:
+        attempts += 1
+        if attempts > 100 * n_train:
+            raise RuntimeError(f"task {task}: cannot draw training examples outside held-out set")
+        prompt, answer = gen(rng)
+        if prompt not in heldout:
+            train.append((prompt, answer))
+    return list(heldout.items()), train
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization and training
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What one training run reports."""
+
+    steps: int
+    seconds: float
+    final_loss: float
+
+
+def prompt_ids(tok, prompt: str) -> list[int]:
+    """Token ids of the chat-templated user message, ending with the assistant header."""
+    messages = [{"role": "user", "content": prompt}]
+    return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+
+
+def encode_example(tok, prompt: str, answer: str, end_id: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with the prompt masked; the answer is followed by <|im_end|>."""
+    p = prompt_ids(tok, prompt)
+    a = tok(answer, add_special_tokens=False).input_ids + [end_id]
+    return p + a, [-100] * len(p) + a
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding is masked in both attention and labels."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def lora_config():
+    """The LoRA configuration shared by every example adapter."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj"],
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=BASE_MODEL_ID,
+    )
+
+
+def end_token_id(tok) -> int:
+    """Id of <|im_end|>, the end-of-turn token of the chat template."""
+    return int(tok.convert_tokens_to_ids("<|im_end|>"))
+
+
+def train_lora(
+    task: str, train: list[Example], steps: int, batch: int, lr: float, seed: int, log_every: int
+):
+    """Train a fresh LoRA on ``train``; returns (peft model, TrainResult)."""
+    from peft import get_peft_model
+
+    from soppu_client.base_model import load_base_model
+
+    torch.manual_seed(zlib.crc32(f"{task}:{seed}:torch".encode()))
+    base, tok = load_base_model()
+    model = get_peft_model(base, lora_config())
+    model.train()
+    end_id = end_token_id(tok)
+    encoded = [encode_example(tok, p, a, end_id) for p, a in train]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
+    start, loss_ema = time.perf_counter(), None
+    for step in range(steps):
+        rows = encoded[step * batch : (step + 1) * batch]
+        loss = model(**collate(rows, end_id)).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            rate = (step + 1) / (time.perf_counter() - start)
+            print(f"  [{task}] step {step + 1}/{steps} loss {loss_ema:.4f} ({rate:.2f} steps/s)")
+    model.eval()
+    return model, TrainResult(steps, time.perf_counter() - start, float(loss_ema or 0.0))
+
+
+def save_adapter(model, out_dir: Path) -> None:
+    """save_pretrained, cast the weights to bf16, and drop PEFT's auto-written model card."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    weights = out_dir / "adapter_model.safetensors"
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    (out_dir / "README.md").unlink(missing_ok=True)
+    cfg_path = out_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("base_model_name_or_path") != BASE_MODEL_ID:
+        cfg["base_model_name_or_path"] = BASE_MODEL_ID
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def greedy_answers(model, tok, prompts: list[str]) -> list[str]:
+    """Greedy completions (stripped) for a batch of user messages, left-padded."""
+    end_id = end_token_id(tok)
+    rows = [prompt_ids(tok, p) for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[end_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=MAX_NEW_TOKENS,
+        do_sample=False,
+        eos_token_id=end_id,
+        pad_token_id=end_id,
+    )
+    return [tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+
+
+def accuracy(predictions: list[str], answers: list[str]) -> float:
+    """Exact-match accuracy after stripping whitespace."""
+    return sum(p == a for p, a in zip(predictions, answers)) / len(answers)
+
+
+def evaluate_adapter(adapter_dir: Path) -> tuple[float, float, list[str]]:
+    """Reload the saved adapter; (base accuracy, adapter accuracy, adapter predictions)."""
+    from peft import PeftModel
+
+    from soppu_client.base_model import load_base_model
+
+    heldout = json.loads((adapter_dir / "prompts.json").read_text())
+    prompts = [h["prompt"] for h in heldout]
+    answers = [h["answer"] for h in heldout]
+    base, tok = load_base_model()
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    model.eval()
+    tuned = greedy_answers(model, tok, prompts)
+    with model.disable_adapter():
+        plain = greedy_answers(model, tok, prompts)
+    return accuracy(plain, answers), accuracy(tuned, answers), tuned
+
+
+# --------------------------------------------------------------------------------------------
+# Driver and report
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskReport:
+    """One row of the README table."""
+
+    task: str
+    example: Example
+    base_acc: float
+    adapter_acc: float
+    steps: int
+    seconds: float
+
+
+def run_task(task: str, args: argparse.Namespace) -> TaskReport:
+    """Train, save and evaluate one task's adapter."""
+    heldout, train = make_splits(task, args.seed, args.steps * args.batch)
+    out_dir = args.out / task
+    print(f"[{task}] training {args.steps} steps x batch {args.batch} (e.g. {train[0]})")
+    model, result = train_lora(
+        task, train, args.steps, args.batch, args.lr, args.seed, args.log_every
+    )
+    save_adapter(model, out_dir)
+    rows = [{"prompt": p, "answer": a} for p, a in heldout]
+    (out_dir / "prompts.json").write_text(json.dumps(rows, indent=2) + "\n")
+    del model
+    base_acc, adapter_acc, preds = evaluate_adapter(out_dir)
+    print(
+        f"[{task}] {result.seconds:.0f}s, loss {result.final_loss:.4f}; exact match "
+        f"base {base_acc:.0%} -> adapter {adapter_acc:.0%} (e.g. {preds[0]!r} vs {heldout[0][1]!r})"
+    )
+    return TaskReport(task, heldout[0], base_acc, adapter_acc, result.steps, result.seconds)
+
+
+def retrain_command(args: argparse.Namespace, tasks: list[str]) -> str:
+    """The exact command line that reproduces this run."""
+    return (
+        "HF_HUB_OFFLINE=1 .venv/bin/python examples/train_adapters.py "
+        f"--out {args.out} --tasks {','.join(tasks)} --steps {args.steps} "
+        f"--batch {args.batch} --lr {args.lr} --seed {args.seed}"
+    )
+
+
+def write_readme(out: Path, reports: list[TaskReport], command: str, total_s: float) -> None:
+    """Write ``<out>/README.md`` with the results table and the retraining command."""
+    lines = [
+        "# Example LoRA adapters",
+        "",
+        "Small real PEFT LoRA adapters for `HuggingFaceTB/SmolLM2-135M-Instruct`, one per "
+        "generated task, trained on CPU by `examples/train_adapters.py`. Each has `q_proj` and "
+        "`v_proj` targets, r=8, lora_alpha=16, weights stored as bf16 (~0.9 MB), and "
+        f"`prompts.json` with {N_HELDOUT} held-out `{{prompt, answer}}` pairs (raw user "
+        "messages, never seen in training).",
+        "",
+        "Accuracy is exact match of greedy decoding (chat template, "
+        f"max_new_tokens={MAX_NEW_TOKENS}) on those held-out prompts, for the base model alone "
+        "and with the adapter loaded from this directory.",
+        "",
+        "| task | example prompt -> answer | base acc | adapter acc | steps | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        prompt, answer = (s.replace("|", "\\|") for s in r.example)
+        lines.append(
+            f"| `{r.task}` | {prompt} -> `{answer}` | {r.base_acc:.0%} | {r.adapter_acc:.0%} "
+            f"| {r.steps} | {r.seconds:.0f} |"
+        )
+    lines += [
+        "",
+        f"Total training time: {total_s:.0f} s on a shared 2-core CPU (torch threads = 2).",
+        "",
+        "Retrain (deterministic for a given seed on the same machine and library versions):",
+        "",
+        "```sh",
+        command,
+        "```",
+        "",
+    ]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("examples/adapters"), help="output dir")
+    ap.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma list from {sorted(TASKS)}")
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps per task")
+    ap.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="examples per step")
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak AdamW learning rate")
+    ap.add_argument("--seed", type=int, default=0, help="seed for data and initialisation")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--log-every", type=int, default=25, help="steps between progress lines")
+    ap.add_argument("--no-readme", action="store_true", help="do not write <out>/README.md")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train every requested task, then write the README table."""
+    args = parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        print(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a fresh clone
+    start = time.perf_counter()
+    reports = [run_task(task, args) for task in tasks]
+    total = sum(r.seconds for r in reports)
+    print(f"done: {len(reports)} adapters, {total:.0f}s training, "
+          f"{time.perf_counter() - start:.0f}s wall")
+    if not args.no_readme:
+        write_readme(args.out, reports, retrain_command(args, tasks), total)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

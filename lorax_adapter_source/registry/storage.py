@@ -1,0 +1,374 @@
+"""Registry storage: SQLite (WAL) for owners, keys, tokens and versions; a content-addressed blob dir.
+
+Layout of a data dir::
+
+    <data>/registry.sqlite3          owners, keys, tokens (sha256 only), versions, version_files
+    <data>/blobs/sha256/ab/<hex>     immutable blobs, named by their sha256
+    <data>/tmp/                      partial uploads; emptied when a server starts
+
+Every blob write is temp file + fsync + rename + fsync(dir); every metadata write is one SQLite
+transaction (``synchronous=FULL``), so a crash at any point leaves either the old state or the new.
+A version row is inserted only after its signature, manifest and every blob were checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CHUNK = 1 << 16
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS owners (
+    name TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keys (
+    key_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL REFERENCES owners(name),
+    public_key TEXT NOT NULL,            -- base64 of the raw 32-byte Ed25519 key
+    created_at TEXT NOT NULL,
+    rotated_at TEXT,                     -- set when replaced; NULL while active
+    replaced_by TEXT
+);
+CREATE INDEX IF NOT EXISTS keys_owner ON keys(owner);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL,            -- sha256 hex of the full token string
+    owner TEXT REFERENCES owners(name),  -- NULL for serving tokens
+    scopes TEXT NOT NULL,                -- comma-separated
+    label TEXT,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT
+);
+CREATE TABLE IF NOT EXISTS versions (
+    owner TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    base_model TEXT NOT NULL,
+    files_digest TEXT NOT NULL,          -- sha256 of canonical files list: "same bytes" identity
+    signature TEXT NOT NULL,             -- signature.json document as stored JSON
+    files TEXT NOT NULL,                 -- JSON list [{path, sha256, size}]
+    published_at TEXT NOT NULL,
+    PRIMARY KEY (owner, name, version)
+);
+CREATE TABLE IF NOT EXISTS version_files (
+    owner TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (owner, name, version, path)
+);
+CREATE INDEX IF NOT EXISTS version_files_sha ON version_files(sha256);
+"""
+
+
+def utcnow() -> str:
+    """Current UTC time as RFC 3339 with a Z suffix (microseconds kept for ordering)."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+
+
+def files_digest(files: list[dict[str, Any]]) -> str:
+    """Identity of a version's content: sha256 over the sorted (path, sha256, size) triples."""
+    rows = sorted((f["path"], f["sha256"], int(f["size"])) for f in files)
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+class ApiError(Exception):
+    """A refusal from the registry; ``code`` and ``status`` map onto the API's error body."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class BlobWriteResult:
+    digest: str
+    size: int
+    created: bool
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobWriter:
+    """Streams one upload into a temp file, hashing and counting as it goes.
+
+    ``write`` enforces ``max_bytes`` and ``expected_size`` on every chunk (raising before the
+    bytes hit the disk); ``commit`` checks digest and size, fsyncs and renames into place.
+    ``abort`` (also called on any failure) removes the temp file.
+    """
+
+    def __init__(self, store: Storage, hex_digest: str, expected_size: int | None, max_bytes: int):
+        self.store = store
+        self.hex = hex_digest
+        self.expected_size = expected_size
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._h = hashlib.sha256()
+        self.tmp = store.tmp_dir / f"{hex_digest[:16]}.{uuid.uuid4().hex}.part"
+        self._f: BinaryIO | None = open(self.tmp, "xb")
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            self.abort()
+            raise ApiError(413, "too_large", f"blob sha256:{self.hex} exceeds the limit of {self.max_bytes} bytes")
+        if self.expected_size is not None and self.size > self.expected_size:
+            self.abort()
+            raise ApiError(400, "size_mismatch", f"blob sha256:{self.hex}: body is longer than the declared {self.expected_size} bytes")
+        self._h.update(chunk)
+        assert self._f is not None
+        self._f.write(chunk)
+
+    def commit(self) -> BlobWriteResult:
+        try:
+            if self.expected_size is not None and self.size != self.expected_size:
+                raise ApiError(400, "size_mismatch", f"blob sha256:{self.hex}: received {self.size} bytes, declared {self.expected_size}")
+            got = self._h.hexdigest()
+            if got != self.hex:
+                raise ApiError(400, "digest_mismatch", f"blob sha256:{self.hex}: body has sha256:{got}")
+            assert self._f is not None
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._f = None
+            final = self.store.blob_path(self.hex)
+            if final.exists():
+                self.abort()
+                return BlobWriteResult(f"sha256:{self.hex}", self.size, False)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.tmp, final)
+            _fsync_dir(final.parent)
+            return BlobWriteResult(f"sha256:{self.hex}", self.size, True)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        self.tmp.unlink(missing_ok=True)
+
+
+class Storage:
+    """The registry's persistent state; safe to share between threads (one connection per thread)."""
+
+    def __init__(self, data_dir: str | os.PathLike[str]):
+        self.root = Path(data_dir)
+        self.blob_dir = self.root / "blobs" / "sha256"
+        self.tmp_dir = self.root / "tmp"
+        self.db_path = self.root / "registry.sqlite3"
+        for d in (self.root, self.blob_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._conn().executescript(SCHEMA)  # idempotent; executescript commits on its own
+
+    # -- connections -------------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE: writers are serialized, readers are not)."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        return self._conn().execute(sql, args).fetchall()
+
+    def cleanup_tmp(self) -> int:
+        """Remove partial uploads left by a crash; call only while no server writes here."""
+        n = 0
+        for p in self.tmp_dir.iterdir():
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+    def integrity_check(self) -> str:
+        return self.read("PRAGMA integrity_check")[0][0]
+
+    # -- blobs -------------------------------------------------------------------------------
+    def blob_path(self, hex_digest: str) -> Path:
+        return self.blob_dir / hex_digest[:2] / hex_digest
+
+    def blob_size(self, hex_digest: str) -> int | None:
+        try:
+            return self.blob_path(hex_digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def blob_writer(self, hex_digest: str, expected_size: int | None, max_bytes: int) -> BlobWriter:
+        return BlobWriter(self, hex_digest, expected_size, max_bytes)
+
+    def read_blob(self, hex_digest: str) -> bytes:
+        return self.blob_path(hex_digest).read_bytes()
+
+    def blob_referenced_by(self, hex_digest: str) -> set[str]:
+        """Owners with at least one published version listing this blob."""
+        rows = self.read("SELECT DISTINCT owner FROM version_files WHERE sha256 = ?", (hex_digest,))
+        return {r["owner"] for r in rows}
+
+    # -- owners and keys ---------------------------------------------------------------------
+    def create_owner(self, owner: str) -> None:
+        if not OWNER_RE.match(owner):
+            raise ApiError(400, "bad_owner", f"owner name {owner!r} must match {OWNER_RE.pattern}")
+        with self.tx() as db:
+            if db.execute("SELECT 1 FROM owners WHERE name = ?", (owner,)).fetchone():
+                raise ApiError(409, "owner_exists", f"owner {owner!r} already exists")
+            db.execute("INSERT INTO owners(name, created_at) VALUES (?, ?)", (owner, utcnow()))
+
+    def owner_exists(self, owner: str) -> bool:
+        return bool(self.read("SELECT 1 FROM owners WHERE name = ?", (owner,)))
+
+    def add_key(self, owner: str, key_id: str, public_key_b64: str, *, replaces: str | None = None) -> None:
+        """Register an owner's first key, or (``replaces``) rotate the active key atomically."""
+        with self.tx() as db:
+            if not db.execute("SELECT 1 FROM owners WHERE name = ?", (owner,)).fetchone():
+                raise ApiError(404, "unknown_owner", f"owner {owner!r} does not exist; create it first")
+            row = db.execute("SELECT owner FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+            if row is not None:
+                raise ApiError(409, "key_exists", f"key {key_id} is already registered (owner {row['owner']!r})")
+            active = [r["key_id"] for r in db.execute(
+                "SELECT key_id FROM keys WHERE owner = ? AND rotated_at IS NULL", (owner,))]
+            if replaces is None and active:
+                raise ApiError(409, "key_exists", f"owner {owner!r} already has key {active[0]}; use rotate-key with a proof signed by it")
+            if replaces is not None:
+                if replaces not in active:
+                    raise ApiError(403, "unknown_key", f"key {replaces} is not an active key of owner {owner!r}")
+                db.execute("UPDATE keys SET rotated_at = ?, replaced_by = ? WHERE key_id = ?", (utcnow(), key_id, replaces))
+            db.execute("INSERT INTO keys(key_id, owner, public_key, created_at) VALUES (?, ?, ?, ?)",
+                       (key_id, owner, public_key_b64, utcnow()))
+
+    def keys(self, owner: str) -> list[dict[str, Any]]:
+        rows = self.read("SELECT * FROM keys WHERE owner = ? ORDER BY created_at", (owner,))
+        return [{"key_id": r["key_id"], "public_key": r["public_key"],
+                 "status": "active" if r["rotated_at"] is None else "rotated",
+                 "created_at": r["created_at"], "rotated_at": r["rotated_at"],
+                 "replaced_by": r["replaced_by"]} for r in rows]
+
+    def key_owner(self, key_id: str) -> tuple[str, bool] | None:
+        """(owner, active) for a registered key id, or None."""
+        rows = self.read("SELECT owner, rotated_at FROM keys WHERE key_id = ?", (key_id,))
+        return (rows[0]["owner"], rows[0]["rotated_at"] is None) if rows else None
+
+    # -- tokens ------------------------------------------------------------------------------
+    def add_token(self, token_id: str, token_hash: str, owner: str | None, scopes: list[str], label: str | None) -> None:
+        with self.tx() as db:
+            if owner is not None and not db.execute("SELECT 1 FROM owners WHERE name = ?", (owner,)).fetchone():
+                raise ApiError(404, "unknown_owner", f"owner {owner!r} does not exist; create it first")
+            db.execute("INSERT INTO tokens(token_id, token_hash, owner, scopes, label, created_at) VALUES (?,?,?,?,?,?)",
+                       (token_id, token_hash, owner, ",".join(scopes), label, utcnow()))
+
+    def token(self, token_id: str) -> sqlite3.Row | None:
+        rows = self.read("SELECT * FROM tokens WHERE token_id = ?", (token_id,))
+        return rows[0] if rows else None
+
+    def revoke_token(self, token_id: str) -> None:
+        with self.tx() as db:
+            cur = db.execute("UPDATE tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at IS NULL", (utcnow(), token_id))
+            if cur.rowcount == 0:
+                raise ApiError(404, "unknown_token", f"no active token with id {token_id!r}")
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        return [{k: r[k] for k in ("token_id", "owner", "scopes", "label", "created_at", "revoked_at")}
+                for r in self.read("SELECT * FROM tokens ORDER BY created_at")]
+
+    # -- versions ----------------------------------------------------------------------------
+    def publish(self, owner: str, name: str, version: int, base_model: str,
+                signature_doc: dict[str, Any], files: list[dict[str, Any]]) -> int:
+        """Insert a checked version in one transaction. Returns 201 (new) or 200 (identical).
+
+        Raises ApiError 409 ``conflict`` (same version, other files) or ``rollback``
+        (a version not above the latest, with files not already published as it).
+        """
+        ident = files_digest(files)
+        with self.tx() as db:
+            row = db.execute("SELECT files_digest FROM versions WHERE owner=? AND name=? AND version=?",
+                             (owner, name, version)).fetchone()
+            if row is not None:
+                if row["files_digest"] == ident:
+                    return 200
+                raise ApiError(409, "conflict", f"{owner}/{name} version {version} is already published with other content")
+            latest = db.execute("SELECT MAX(version) AS v FROM versions WHERE owner=? AND name=?", (owner, name)).fetchone()["v"]
+            if latest is not None and version <= latest:
+                raise ApiError(409, "rollback", f"{owner}/{name} version {version} is not above the latest published version {latest}")
+            for f in files:  # blobs are immutable and never deleted, but re-check inside the tx
+                if self.blob_size(f["sha256"]) != int(f["size"]):
+                    raise ApiError(400, "missing_blob", f"blob sha256:{f['sha256']} for {f['path']!r} is not stored")
+            db.execute("INSERT INTO versions(owner,name,version,base_model,files_digest,signature,files,published_at) "
+                       "VALUES (?,?,?,?,?,?,?,?)",
+                       (owner, name, version, base_model, ident, json.dumps(signature_doc, sort_keys=True),
+                        json.dumps(files), utcnow()))
+            db.executemany("INSERT INTO version_files(owner,name,version,path,sha256,size) VALUES (?,?,?,?,?,?)",
+                           [(owner, name, version, f["path"], f["sha256"], int(f["size"])) for f in files])
+        return 201
+
+    def get_version(self, owner: str, name: str, version: int | None = None) -> dict[str, Any] | None:
+        if version is None:
+            rows = self.read("SELECT * FROM versions WHERE owner=? AND name=? ORDER BY version DESC LIMIT 1", (owner, name))
+        else:
+            rows = self.read("SELECT * FROM versions WHERE owner=? AND name=? AND version=?", (owner, name, version))
+        if not rows:
+            return None
+        r = rows[0]
+        return {"owner": r["owner"], "name": r["name"], "version": r["version"], "base_model": r["base_model"],
+                "signature": json.loads(r["signature"]), "files": json.loads(r["files"]),
+                "published_at": r["published_at"]}
+
+    def list_versions(self, owner: str, name: str) -> list[int]:
+        return [r["version"] for r in self.read("SELECT version FROM versions WHERE owner=? AND name=? ORDER BY version", (owner, name))]
+
+    def bases(self, base_model: str) -> list[dict[str, Any]]:
+        """basis.safetensors blobs of published versions for ``base_model``, with who uses them."""
+        rows = self.read(
+            "SELECT vf.sha256, vf.size, v.owner, v.name, v.version FROM versions v JOIN version_files vf "
+            "ON vf.owner=v.owner AND vf.name=v.name AND vf.version=v.version "
+            "WHERE v.base_model=? AND vf.path='basis.safetensors' ORDER BY vf.sha256, v.owner, v.name, v.version",
+            (base_model,))
+        out: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            b = out.setdefault(r["sha256"], {"digest": f"sha256:{r['sha256']}", "size": r["size"], "used_by": []})
+            b["used_by"].append({"owner": r["owner"], "name": r["name"], "version": r["version"]})
+        return list(out.values())

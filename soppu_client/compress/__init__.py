@@ -1,0 +1,138 @@
+"""Joint diagonalization of LoRA collections: one shared basis per module, one core per adapter.
+
+Public entry points: :class:`CompressConfig`, :func:`fit_module`, :func:`compress_collection`.
+Methods: ``full`` (orthonormal bases, k x k cores; ``jd_full.py``) and ``diag`` (free bases,
+diagonal cores; ``jd_diag.py``). Work streams module by module: peak memory is one module's
+stacked factors across all adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from .jd_diag import fit_jd_diag
+from .jd_full import fit_jd_full
+from .project import project_cores
+from .result import ModuleFit
+from .stack import WEIGHTINGS, FactorStack, stack_factors
+
+METHODS = ("full", "diag")
+STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+
+__all__ = [
+    "METHODS",
+    "WEIGHTINGS",
+    "STORAGE_DTYPES",
+    "CompressConfig",
+    "ModuleFit",
+    "FactorStack",
+    "stack_factors",
+    "fit_module",
+    "project_cores",
+    "iter_compressed_modules",
+]
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Options of one compression run (validated on construction)."""
+
+    rank: int = 16
+    method: str = "full"
+    weighting: str = "equal"
+    float64: bool = False
+    seed: int = 0
+    tol: float = 1e-6
+    max_iter: int = 200
+    dtype: str = "float32"  # storage dtype of basis and cores in the bundle
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise InputError(f"`rank` should be a positive integer, but the value passed is {self.rank!r}")
+        if self.method not in METHODS:
+            raise InputError(f"`method` should be one of {', '.join(METHODS)}, but the value passed is {self.method!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise InputError(
+                f"`weighting` should be one of {', '.join(WEIGHTINGS)}, but the value passed is {self.weighting!r}"
+            )
+        if not (self.tol > 0):
+            raise InputError(f"`tol` should be a positive number, but the value passed is {self.tol!r}")
+        if not isinstance(self.max_iter, int) or self.max_iter < 1:
+            raise InputError(f"`max_iter` should be a positive integer, but the value passed is {self.max_iter!r}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise InputError(
+                f"`dtype` should be one of {', '.join(STORAGE_DTYPES)}, but the value passed is {self.dtype!r}"
+            )
+
+    @property
+    def diag(self) -> bool:
+        return self.method == "diag"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float64 if self.float64 else torch.float32
+
+    def to_json(self) -> dict:
+        return {
+            "rank": self.rank,
+            "method": self.method,
+            "weighting": self.weighting,
+            "float64": self.float64,
+            "seed": self.seed,
+            "tol": self.tol,
+            "max_iter": self.max_iter,
+            "dtype": self.dtype,
+        }
+
+
+def fit_module(
+    factors: list[tuple[np.ndarray, np.ndarray]],
+    config: CompressConfig,
+    cluster_of: list[int] | None = None,
+) -> ModuleFit:
+    """Fit one module's shared bases (one per cluster) and every adapter's core."""
+    n = len(factors)
+    cluster_of = list(cluster_of) if cluster_of is not None else [0] * n
+    n_clusters = max(cluster_of) + 1
+    stack = stack_factors(factors, config.weighting, config.torch_dtype)
+    fit = fit_jd_diag if config.diag else fit_jd_full
+    k = config.rank
+    cores = torch.zeros((n, k) if config.diag else (n, k, k), dtype=config.torch_dtype)
+    result = ModuleFit(U=[], V=[], cores=cores, cluster_of=cluster_of, diag=config.diag)
+    for c in range(n_clusters):
+        members = [i for i, ci in enumerate(cluster_of) if ci == c]
+        sub = stack if n_clusters == 1 else stack.subset(members)
+        U, V, S, it, conv, hist = fit(sub, k, tol=config.tol, max_iter=config.max_iter, seed=config.seed + c)
+        result.U.append(U)
+        result.V.append(V)
+        cores[members] = S
+        result.iterations.append(it)
+        result.converged.append(conv)
+        result.history.append(hist)
+    return result
+
+
+def iter_compressed_modules(
+    collection, config: CompressConfig, cluster_of: list[int] | None = None, progress: Callable | None = None
+) -> Iterator[tuple[str, list[tuple[np.ndarray, np.ndarray]], ModuleFit]]:
+    """Stream ``(module, factors, fit)`` over the collection's modules, one module in memory at a time."""
+    too_small = [
+        f"`{m}` ({d_out} x {d_in})" for m, (d_out, d_in) in collection.shapes.items() if config.rank > min(d_out, d_in)
+    ]
+    if too_small:
+        raise InputError(
+            f"`rank` {config.rank} exceeds the smaller dimension of module {too_small[0]}"
+            + (f" and {len(too_small) - 1} more" if len(too_small) > 1 else "")
+            + "; choose a smaller --rank"
+        )
+    modules = collection.modules
+    iterator = progress(modules) if progress else modules
+    np_dtype = np.float64 if config.float64 else np.float32
+    for module in iterator:
+        factors = collection.module_factors(module, dtype=np_dtype)
+        yield module, factors, fit_module(factors, config, cluster_of)

@@ -1,0 +1,181 @@
+"""Reconstruction errors and sizes, computed exactly on factors (float64), never on dense dW.
+
+Error of adapter i on a module, reported as the UNSQUARED relative Frobenius norm
+
+    e_i = ||dW_i - U S_i V.T||_F / ||dW_i||_F,   dW_i = B_i A_i  (scaling folded into B_i)
+
+With X = [B_i, -U S_i] and Y = [A_i; V.T], dW_i - U S_i V.T = X Y and
+||X Y||_F^2 = sum((X.T X) * (Y Y.T)), whose blocks are all r x r, r x k or k x k.
+
+Lower bound (no shared basis can beat it): adapter i's own rank-k truncated SVD,
+e_i* = sqrt(sum_{j>k} sigma_j^2 / sum_j sigma_j^2), with sigma from the r x r core of
+B_i = Q_b R_b, A_i.T = Q_a R_a: dW_i = Q_b (R_b R_a.T) Q_a.T.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def factored_sq_norm(A: np.ndarray, B: np.ndarray) -> float:
+    """||B @ A||_F^2 from A [r, d_in], B [d_out, r]."""
+    A, B = A.astype(np.float64), B.astype(np.float64)
+    return float(np.sum((B.T @ B) * (A @ A.T)))
+
+
+_GRAM_TRUST = 1e-6  # below this squared relative residual the Gram identity loses digits to cancellation
+
+
+def residual_sq_norm(A: np.ndarray, B: np.ndarray, U: np.ndarray, S: np.ndarray, V: np.ndarray) -> float:
+    """||B A - U S V.T||_F^2 (S [k, k], or [k] for a diagonal core) without forming d_out x d_in.
+
+    Uses the Gram identity (cheap); when the residual is tiny relative to ||B A||^2, where the
+    identity cancels, it recomputes from thin QRs of X and Y.T: ||X Y||_F = ||R_x R_y.T||_F.
+    """
+    A, B, U, V = (x.astype(np.float64) for x in (A, B, U, V))
+    S = np.diag(S.astype(np.float64)) if S.ndim == 1 else S.astype(np.float64)
+    US = U @ S
+    AV = A @ V
+    norm = np.sum((B.T @ B) * (A @ A.T))
+    total = norm - 2.0 * np.sum((B.T @ US) * AV) + np.sum((US.T @ US) * (V.T @ V))
+    if total > _GRAM_TRUST * norm:
+        return float(total)
+    _, rx = np.linalg.qr(np.concatenate([B, -US], axis=1))
+    _, ry = np.linalg.qr(np.concatenate([A.T, V], axis=1))
+    return float(np.sum((rx @ ry.T) ** 2))
+
+
+def singular_values(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Singular values of B @ A (descending, length r) from two thin QRs."""
+    _, rb = np.linalg.qr(B.astype(np.float64))
+    _, ra = np.linalg.qr(A.astype(np.float64).T)
+    return np.linalg.svd(rb @ ra.T, compute_uv=False)
+
+
+def svd_tail_sq(A: np.ndarray, B: np.ndarray, k: int) -> float:
+    """||dW - best rank-k approximation||_F^2 = sum of squared singular values past k."""
+    s = singular_values(A, B)
+    return float(np.sum(s[k:] ** 2))
+
+
+def relative(sq_err: np.ndarray, sq_norm: np.ndarray) -> np.ndarray:
+    """Unsquared relative error sqrt(sq_err / sq_norm); 0 where the update itself is 0."""
+    sq_err, sq_norm = np.asarray(sq_err, dtype=np.float64), np.asarray(sq_norm, dtype=np.float64)
+    return np.sqrt(np.divide(sq_err, sq_norm, out=np.zeros_like(sq_err), where=sq_norm > 0))
+
+
+@dataclass
+class ModuleMetrics:
+    """Squared norms per adapter for one module; errors derive from them."""
+
+    module: str
+    sq_norm: np.ndarray  # [N] ||dW_i||^2
+    sq_residual: np.ndarray  # [N] ||dW_i - U S_i V.T||^2
+    sq_lower: np.ndarray  # [N] rank-k SVD tail
+
+    @property
+    def error(self) -> np.ndarray:
+        return relative(self.sq_residual, self.sq_norm)
+
+    @property
+    def lower_bound(self) -> np.ndarray:
+        return relative(self.sq_lower, self.sq_norm)
+
+    def to_json(self, names: list[str]) -> dict:
+        return {
+            "module": self.module,
+            "error": dict(zip(names, map(float, self.error))),
+            "lower_bound": dict(zip(names, map(float, self.lower_bound))),
+        }
+
+
+def module_metrics(
+    module: str,
+    factors: list[tuple[np.ndarray, np.ndarray]],
+    U: list[np.ndarray],
+    V: list[np.ndarray],
+    cores: list[np.ndarray],
+    cluster_of: list[int],
+    k: int,
+) -> ModuleMetrics:
+    """Exact factored metrics of one module for every adapter."""
+    sq_norm, sq_res, sq_low = [], [], []
+    for (A, B), S, c in zip(factors, cores, cluster_of):
+        sq_norm.append(factored_sq_norm(A, B))
+        sq_res.append(residual_sq_norm(A, B, U[c], S, V[c]))
+        sq_low.append(svd_tail_sq(A, B, k))
+    return ModuleMetrics(module, np.array(sq_norm), np.array(sq_res), np.array(sq_low))
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def module_layer(module: str) -> int | None:
+    m = _LAYER_RE.search(module)
+    return int(m.group(1)) if m else None
+
+
+def module_type(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
+
+
+def summarize(metrics: list[ModuleMetrics], names: list[str]) -> dict:
+    """Per-adapter and per-(layer, module type) summaries of the unsquared relative error.
+
+    Per adapter, ``error`` is over the whole adapter: sqrt(sum_m ||R_im||^2 / sum_m ||dW_im||^2);
+    ``mean_module_error`` / ``max_module_error`` are over its modules.
+    """
+    sq_norm = np.stack([m.sq_norm for m in metrics])  # [M, N]
+    sq_res = np.stack([m.sq_residual for m in metrics])
+    sq_low = np.stack([m.sq_lower for m in metrics])
+    err = relative(sq_res, sq_norm)
+    low = relative(sq_low, sq_norm)
+    per_adapter = {}
+    for j, name in enumerate(names):
+        per_adapter[name] = {
+            "error": float(relative(sq_res[:, j].sum(), sq_norm[:, j].sum())),
+            "lower_bound": float(relative(sq_low[:, j].sum(), sq_norm[:, j].sum())),
+            "mean_module_error": float(err[:, j].mean()),
+            "max_module_error": float(err[:, j].max()),
+        }
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(metrics):
+        groups.setdefault((module_layer(m.module), module_type(m.module)), []).append(i)
+    per_layer = [
+        {
+            "layer": layer,
+            "module_type": mtype,
+            "mean_error": float(err[idx].mean()),
+            "max_error": float(err[idx].max()),
+            "mean_lower_bound": float(low[idx].mean()),
+        }
+        for (layer, mtype), idx in sorted(groups.items(), key=lambda kv: (kv[0][0] is None, kv[0][0] or 0, kv[0][1]))
+    ]
+    return {
+        "error_definition": "unsquared relative Frobenius norm ||dW - U S V^T||_F / ||dW||_F",
+        "mean_error": float(np.mean([v["error"] for v in per_adapter.values()])),
+        "max_error": float(np.max([v["error"] for v in per_adapter.values()])),
+        "mean_lower_bound": float(np.mean([v["lower_bound"] for v in per_adapter.values()])),
+        "adapters": per_adapter,
+        "layers": per_layer,
+    }
+
+
+def parameter_counts(
+    shapes: dict[str, tuple[int, int]], ranks: list[dict[str, int]], k: int, n_clusters: int, diag: bool
+) -> dict:
+    """Parameters before (sum of r_i (d_in + d_out)) and after (bases + cores) compression."""
+    before = sum(r[m] * (d_out + d_in) for r in ranks for m, (d_out, d_in) in shapes.items())
+    basis = sum(n_clusters * k * (d_out + d_in) for d_out, d_in in shapes.values())
+    cores = len(ranks) * len(shapes) * (k if diag else k * k)
+    after = basis + cores
+    return {
+        "params_before": int(before),
+        "params_after": int(after),
+        "params_basis": int(basis),
+        "params_cores": int(cores),
+        "param_ratio": before / after if after else float("inf"),
+    }

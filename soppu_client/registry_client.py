@@ -1,0 +1,269 @@
+"""REST client for the SOPPU registry, used by `soppu upload` (no server code imported here).
+
+Upload protocol: for each file of the signed statement, HEAD ``/v1/blobs/sha256:<hex>`` and PUT
+only the missing ones (streamed, Content-Length and X-Soppu-Size set); then PUT
+``/v1/adapters/<owner>/<name>/versions/<v>`` with ``{"signature": <signature.json>}`` once per
+adapter name in the bundle. Publishing is idempotent (identical re-publish answers 200), so every
+request may be retried: connection errors, 5xx and 429 are retried with exponential backoff
+(429/503 honour Retry-After). Any other refusal raises :class:`RegistryError` carrying the HTTP
+status, the server's error code and message, and the URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import quote
+
+import requests
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from soppu_client import signing
+from soppu_client.errors import InputError, RegistryError, SignatureError
+
+__all__ = ["RegistryClient", "UploadResult", "make_rotation_proof", "ROTATION_FORMAT"]
+
+ROTATION_FORMAT = "soppu-key-rotation/1"
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_CHUNK = 1 << 16
+
+
+@dataclass
+class UploadResult:
+    """What an upload did: per adapter "created" (201) or "unchanged" (200), blobs sent/skipped."""
+
+    owner: str
+    version: int
+    base_model: str
+    adapters: dict[str, str] = field(default_factory=dict)
+    uploaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    bytes_uploaded: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"owner": self.owner, "version": self.version, "base_model": self.base_model,
+                "adapters": self.adapters, "uploaded": self.uploaded, "skipped": self.skipped,
+                "bytes_uploaded": self.bytes_uploaded}
+
+
+class _ProgressFile:
+    """A file opened for one streamed PUT: ``read`` feeds the progress callback, ``len`` the size."""
+
+    def __init__(self, path: Path, size: int, on_bytes: Callable[[int], None]):
+        self._f: BinaryIO = open(path, "rb")
+        self._size = size
+        self._on_bytes = on_bytes
+        self.sent = 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = self._f.read(_CHUNK if n is None or n < 0 else n)
+        self.sent += len(b)
+        self._on_bytes(len(b))
+        return b
+
+    def __len__(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _retry_after(resp: requests.Response) -> float | None:
+    v = resp.headers.get("Retry-After")
+    if v is None:
+        return None
+    try:
+        return max(0.0, float(v))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(v).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+class RegistryClient:
+    """Talks to one registry with one token. ``retries`` extra attempts per request.
+
+    ``sleep`` is injectable for tests; ``max_wait`` caps any single backoff or Retry-After wait.
+    """
+
+    def __init__(self, base_url: str, token: str | None = None, *, retries: int = 5, backoff: float = 0.5,
+                 max_wait: float = 30.0, timeout: float = 120.0, session: requests.Session | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        if not base_url.startswith(("http://", "https://")):
+            raise InputError(f"`registry` must be an http(s) URL, got {base_url!r}")
+        if retries < 0:
+            raise InputError(f"`retries` must be >= 0, got {retries}")
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.retries, self.backoff, self.max_wait, self.timeout = retries, backoff, max_wait, timeout
+        self.session = session or requests.Session()
+        self._sleep = sleep
+        self.retried = 0  # number of retries performed (for reports and tests)
+
+    # -- transport ---------------------------------------------------------------------------
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        h = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return {**h, **(extra or {})}
+
+    def _wait(self, attempt: int, hint: float | None) -> None:
+        delay = hint if hint is not None else self.backoff * (2 ** attempt) * (0.5 + random.random())
+        self.retried += 1
+        self._sleep(min(delay, self.max_wait))
+
+    def request(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), body: Callable[[], Any] | None = None,
+                json_body: Any = None, headers: dict[str, str] | None = None, stream: bool = False,
+                on_retry: Callable[[], None] | None = None) -> requests.Response:
+        """One API call with retries; ``body`` is a factory so a retried upload re-opens its file."""
+        url = self.base_url + path
+        for attempt in range(self.retries + 1):
+            data = body() if body is not None else None
+            try:
+                resp = self.session.request(method, url, data=data, json=json_body, headers=self._headers(headers),
+                                            timeout=self.timeout, stream=stream)
+            except (requests.ConnectionError, requests.Timeout) as e:
+                if attempt == self.retries:
+                    raise RegistryError(f"{method} {url}: cannot reach the registry after {attempt + 1} attempts: {e}",
+                                        url=url) from None
+                if on_retry:
+                    on_retry()
+                self._wait(attempt, None)
+                continue
+            finally:
+                if data is not None and hasattr(data, "close"):
+                    data.close()
+            if resp.status_code in ok:
+                return resp
+            if resp.status_code in RETRY_STATUSES and attempt < self.retries:
+                resp.close()
+                if on_retry:
+                    on_retry()
+                self._wait(attempt, _retry_after(resp) if resp.status_code in (429, 503) else None)
+                continue
+            raise self._error(method, url, resp)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _error(method: str, url: str, resp: requests.Response) -> RegistryError:
+        code, message = None, resp.text[:500]
+        try:
+            err = resp.json()["error"]
+            code, message = err.get("code"), err.get("message", message)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+        return RegistryError(f"{method} {url}: HTTP {resp.status_code} {code or resp.reason}: {message}",
+                             status=resp.status_code, code=code, url=url)
+
+    # -- blobs -------------------------------------------------------------------------------
+    def has_blob(self, sha256: str) -> bool:
+        return self.request("HEAD", f"/v1/blobs/sha256:{sha256}", ok=(200, 404)).status_code == 200
+
+    def put_blob(self, path: Path, sha256: str, size: int, on_bytes: Callable[[int], None] = lambda n: None) -> bool:
+        """Stream one file; True if the server stored it now, False if it already had it."""
+        sent: list[_ProgressFile] = []
+
+        def body() -> _ProgressFile:
+            f = _ProgressFile(path, size, on_bytes)
+            sent.append(f)
+            return f
+
+        def rewind() -> None:  # undo the progress of a failed attempt
+            on_bytes(-sent[-1].sent)
+
+        resp = self.request("PUT", f"/v1/blobs/sha256:{sha256}", ok=(200, 201), body=body, on_retry=rewind,
+                            headers={"Content-Type": "application/octet-stream", "X-Soppu-Size": str(size)})
+        return resp.status_code == 201
+
+    def get_blob(self, sha256: str) -> bytes:
+        """Download a blob and check its sha256 (RegistryError ``digest_mismatch`` if it differs)."""
+        url_path = f"/v1/blobs/sha256:{sha256}"
+        data = self.request("GET", url_path).content
+        got = hashlib.sha256(data).hexdigest()
+        if got != sha256:
+            raise RegistryError(f"GET {self.base_url}{url_path}: body has sha256:{got}", code="digest_mismatch",
+                                url=self.base_url + url_path)
+        return data
+
+    # -- adapters, keys, bases ---------------------------------------------------------------
+    def publish(self, owner: str, name: str, version: int, signature_doc: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """PUT one version; returns (201 created | 200 identical, the version document)."""
+        resp = self.request("PUT", f"/v1/adapters/{quote(owner)}/{quote(name)}/versions/{version}",
+                            ok=(200, 201), json_body={"signature": signature_doc})
+        return resp.status_code, resp.json()
+
+    def get_version(self, owner: str, name: str, version: int | None = None) -> dict[str, Any]:
+        path = f"/v1/adapters/{quote(owner)}/{quote(name)}" + (f"/versions/{version}" if version is not None else "")
+        return self.request("GET", path).json()
+
+    def list_versions(self, owner: str, name: str) -> list[int]:
+        return self.request("GET", f"/v1/adapters/{quote(owner)}/{quote(name)}/versions").json()["versions"]
+
+    def get_keys(self, owner: str) -> list[dict[str, Any]]:
+        return self.request("GET", f"/v1/keys/{quote(owner)}").json()["keys"]
+
+    def get_bases(self, base_model: str) -> list[dict[str, Any]]:
+        return self.request("GET", f"/v1/bases/{quote(base_model, safe='/')}").json()["bases"]
+
+    # -- the upload flow ---------------------------------------------------------------------
+    def upload_bundle(self, bundle_dir: Path, *, verify_local: bool = True, progress: bool = False) -> UploadResult:
+        """Upload a signed bundle: missing blobs, then one publish per adapter name.
+
+        With ``verify_local`` the bundle is first checked against its own signature.json
+        (SignatureError on any tampered, missing or extra file) so nothing broken is sent.
+        """
+        bundle_dir = Path(bundle_dir)
+        doc = signing.read_signature(bundle_dir)
+        if verify_local:
+            embedded = doc.get("public_key")
+            if not isinstance(embedded, str):
+                raise SignatureError(f"{bundle_dir / signing.SIGNATURE_FILE} has no `public_key`")
+            st = signing.verify_bundle(bundle_dir, embedded.encode())
+        else:
+            st = doc.get("statement")
+            if not isinstance(st, dict) or not isinstance(st.get("files"), list):
+                raise SignatureError(f"{bundle_dir / signing.SIGNATURE_FILE} has no statement with `files`")
+        result = UploadResult(owner=st["owner"], version=st["version"], base_model=st.get("base_model", ""))
+        missing = []
+        for f in st["files"]:
+            if self.has_blob(f["sha256"]):
+                result.skipped.append(f["path"])
+            else:
+                missing.append(f)
+        bar = _progress_bar(sum(f["size"] for f in missing), progress)
+        try:
+            for f in missing:
+                bar.set_postfix_str(f["path"], refresh=False)
+                self.put_blob(bundle_dir / f["path"], f["sha256"], f["size"], bar.update)
+                result.uploaded.append(f["path"])
+                result.bytes_uploaded += f["size"]
+        finally:
+            bar.close()
+        for name in st["adapters"]:
+            status, _ = self.publish(st["owner"], name, st["version"], doc)
+            result.adapters[name] = "created" if status == 201 else "unchanged"
+        return result
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                disable=not enabled or total == 0, desc="upload", leave=False)
+
+
+def make_rotation_proof(owner: str, old_private_key: Ed25519PrivateKey,
+                        new_public_key: Ed25519PublicKey | Path | str | bytes) -> dict[str, Any]:
+    """The statement `soppu-registry rotate-key` needs: the old key signs the new key's id.
+
+    Returns ``{"statement": {"format": "soppu-key-rotation/1", "owner", "new_key_id"},
+    "signature", "key_id", "public_key"}`` (same envelope as signature.json).
+    """
+    new_id = signing.public_key_id(signing.load_public_key(new_public_key))
+    statement = {"format": ROTATION_FORMAT, "owner": owner, "new_key_id": new_id}
+    return signing.sign_statement(statement, old_private_key)
