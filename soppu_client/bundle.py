@@ -120,9 +120,9 @@ class BundleBuilder:
         tensors = [*self.basis.values(), *(t for c in self.cores.values() for t in c.values())]
         return int(sum(t.numel() * t.element_size() for t in tensors))
 
-    def write(self, out: Path, manifest: dict, *, extra_files: dict[str, bytes] | None = None, force: bool = False) -> Path:
+    def write(self, out: Path, manifest: dict, *, extra_files: dict[str, bytes] | None = None, force: bool = False) -> dict:
         """Write basis, cores, ``extra_files`` and the manifest (listing every file's digest) to
-        ``out`` all-or-nothing."""
+        ``out`` all-or-nothing; return the manifest as written."""
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists() and not force:
@@ -144,7 +144,7 @@ class BundleBuilder:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        return out
+        return manifest
 
 
 _REQUIRED = ("format", "base_model", "method", "rank", "clusters", "modules", "adapters", "files", "peft", "dtype")

@@ -12,42 +12,25 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 from soppu_client import signing
-from soppu_client.errors import InputError, SoppuError
+from soppu_client.cli_common import emit as _emit
+from soppu_client.cli_common import json_option
+from soppu_client.cli_common import reporting as _reporting
+from soppu_client.errors import InputError
 
 __all__ = ["COMMANDS", "keygen", "sign", "verify_signature", "PASSPHRASE_ENV"]
 
 PASSPHRASE_ENV = "SOPPU_KEY_PASSPHRASE"
 
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 _passphrase_option = click.option(
     "--passphrase-file", type=click.Path(dir_okay=False, allow_dash=True), default=None,
     help=f"File holding the key passphrase ('-' for stdin). Default: ${PASSPHRASE_ENV} if set.")
-
-
-@contextmanager
-def _reporting(as_json: bool) -> Iterator[None]:
-    """Turn a SoppuError into its message and exit code; never a traceback for user mistakes."""
-    try:
-        yield
-    except SoppuError as exc:
-        if as_json:
-            err = {"type": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code}
-            click.echo(json.dumps({"ok": False, "error": err}, indent=2))
-        else:
-            click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-
-
-def _emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
-    click.echo(json.dumps({"ok": True, **payload}, indent=2) if as_json else text)
 
 
 def _read_passphrase(passphrase_file: str | None) -> bytes | None:
@@ -74,7 +57,7 @@ def _read_passphrase(passphrase_file: str | None) -> bytes | None:
               help="Private key path; the public key goes to <path>.pub.")
 @_passphrase_option
 @click.option("--force", is_flag=True, help="Replace existing key files.")
-@_json_option
+@json_option
 def keygen(output: str, passphrase_file: str | None, force: bool, as_json: bool) -> None:
     """Create an Ed25519 signing key pair (private key mode 0600)."""
     with _reporting(as_json):
@@ -97,7 +80,7 @@ def keygen(output: str, passphrase_file: str | None, force: bool, as_json: bool)
 @click.option("--expires", default="365d", show_default=True,
               help="Expiry: a duration (90d, 12h, 2w, 1y) or a date/time (2027-02-21T00:00:00Z).")
 @_passphrase_option
-@_json_option
+@json_option
 def sign(bundle: str, key_path: str, owner: str, version: int, expires: str,
          passphrase_file: str | None, as_json: bool) -> None:
     """Sign BUNDLE: write BUNDLE/signature.json over its names, version and every file."""
@@ -122,7 +105,7 @@ def sign(bundle: str, key_path: str, owner: str, version: int, expires: str,
 @click.option("--owner", default=None, help="Require the statement to be for this owner.")
 @click.option("--adapter", "adapters", multiple=True, help="Require the statement to cover this adapter (repeatable).")
 @click.option("--version", "version", default=None, type=int, help="Require this version.")
-@_json_option
+@json_option
 def verify_signature(bundle: str, public_key: str, owner: str | None, adapters: tuple[str, ...],
                      version: int | None, as_json: bool) -> None:
     """Verify BUNDLE/signature.json with a trusted public key and check every file's digest."""

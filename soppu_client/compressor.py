@@ -89,8 +89,7 @@ def compress_collection(
     sizes_out = manifest["metrics"]["sizes"]
     sizes_out["byte_ratio"] = source_bytes / sizes_out["tensor_bytes"]
     detail = {"error_definition": summary["error_definition"], "modules": [m.to_json(names) for m in metrics]}
-    builder.write(Path(out), manifest, extra_files={"metrics.json": canonical_dumps(detail).encode()}, force=force)
-    return manifest
+    return builder.write(Path(out), manifest, extra_files={"metrics.json": canonical_dumps(detail).encode()}, force=force)
 
 
 def compress_adapters(

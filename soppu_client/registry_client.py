@@ -152,13 +152,13 @@ class RegistryClient:
 
     @staticmethod
     def _error(method: str, url: str, resp: requests.Response) -> RegistryError:
-        code, message = None, resp.text[:500]
+        code, message = resp.headers.get("X-Soppu-Error-Code"), resp.text[:500]
         try:
             err = resp.json()["error"]
             code, message = err.get("code"), err.get("message", message)
         except (ValueError, KeyError, TypeError, AttributeError):
             pass
-        return RegistryError(f"{method} {url}: HTTP {resp.status_code} {code or resp.reason}: {message}",
+        return RegistryError(f"{method} {url}: HTTP {resp.status_code} {code or resp.reason}: {message or resp.reason}",
                              status=resp.status_code, code=code, url=url)
 
     # -- blobs -------------------------------------------------------------------------------

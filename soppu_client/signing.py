@@ -152,22 +152,22 @@ def load_private_key(path: Path | str, passphrase: bytes | None = None) -> Ed255
     """Load a PEM (PKCS#8 or OpenSSH) Ed25519 private key; InputError names the file and fix."""
     path = Path(path)
     data = _read_key_file(path, "private")
-    encrypted = b"ENCRYPTED" in data or b"Proc-Type: 4,ENCRYPTED" in data
-    if encrypted and not passphrase:
-        raise InputError(f"private key {path} is encrypted; give its passphrase with "
-                         "--passphrase-file or the SOPPU_KEY_PASSPHRASE environment variable")
-    password = passphrase if encrypted else None
+    ssh = data.lstrip().startswith(b"-----BEGIN OPENSSH PRIVATE KEY")
+    loader = serialization.load_ssh_private_key if ssh else serialization.load_pem_private_key
     try:
-        if data.lstrip().startswith(b"-----BEGIN OPENSSH PRIVATE KEY"):
-            key = serialization.load_ssh_private_key(data, password)
-        else:
-            key = serialization.load_pem_private_key(data, password)
-    except ValueError:
-        if encrypted:
-            raise InputError(f"cannot decrypt private key {path}: wrong passphrase") from None
-        raise InputError(f"{path} is not a PEM private key; create one with `soppu keygen`") from None
-    except (TypeError, UnsupportedAlgorithm):
-        raise InputError(f"{path} is not a usable private key; create one with `soppu keygen`") from None
+        try:
+            key = loader(data, None)
+        except TypeError:  # password-protected
+            if not passphrase:
+                raise InputError(f"private key {path} is encrypted; give its passphrase with --passphrase-"
+                                 "file or the SOPPU_KEY_PASSPHRASE environment variable") from None
+            try:
+                key = loader(data, passphrase)
+            except ValueError:
+                raise InputError(f"cannot decrypt private key {path}: wrong passphrase") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise InputError(f"{path} is not a usable private key (PEM PKCS#8 or OpenSSH); create one "
+                         "with `soppu keygen`") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise InputError(f"private key {path} is {type(key).__name__}, not Ed25519; "
                          "create one with `soppu keygen`")

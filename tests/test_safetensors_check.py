@@ -232,14 +232,15 @@ def test_fuzz_mutations_and_truncations(tmp_path: Path, data: st.DataObject) -> 
     buf = bytearray(SEED)
     n = data.draw(st.integers(1, 3), label="mutations")
     for _ in range(n):
-        kind = data.draw(st.sampled_from(["flip", "set", "truncate"]))
+        kind = data.draw(st.sampled_from(["flip", "set", "set", "truncate"]))
         if kind == "truncate":
             del buf[data.draw(st.integers(0, max(len(buf) - 1, 0))):]
-        elif buf:
-            i = data.draw(st.integers(0, len(buf) - 1))
-            # bias towards the header, where structure lives
-            if data.draw(st.booleans()):
-                i = min(i, 8 + struct.unpack("<Q", bytes(SEED[:8]))[0] - 1)
+        elif len(buf) > 8:
+            header_end = min(len(buf), 8 + struct.unpack("<Q", bytes(SEED[:8]))[0])
+            # mostly inside the JSON header, where the structure lives
+            where = data.draw(st.sampled_from(["header", "header", "anywhere"]))
+            lo, hi = (8, header_end - 1) if where == "header" and header_end > 8 else (0, len(buf) - 1)
+            i = data.draw(st.integers(lo, hi))
             buf[i] = buf[i] ^ data.draw(st.integers(1, 255)) if kind == "flip" else \
                 data.draw(st.sampled_from(list(b'0123456789{}[]",:ABFIU_ ')))
     _consistent(bytes(buf), tmp_path / "fuzz.safetensors")

@@ -25,15 +25,18 @@ def shrink_kernel(
     stride_vc, stride_vd, stride_vk,
     stride_ht, stride_hk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    CAST_FP32: tl.constexpr, PREC: tl.constexpr,
+    ATOMIC: tl.constexpr, CAST_FP32: tl.constexpr, PREC: tl.constexpr,
 ):
     """Semantics: h[t] = V[c].T @ x[t] for tokens t of cluster c = program_id(2) (one GEMM per cluster).
 
-    Grid (cdiv(T, BLOCK_M), cdiv(k, BLOCK_N), C). Rows are ``order[cstart[c]:cstart[c+1]]``.
+    Grid (cdiv(T, BLOCK_M), SPLIT_K, C); BLOCK_N >= k covers the whole rank. Rows are
+    ``order[cstart[c]:cstart[c+1]]``. Split-K: program j of axis 1 sums its share of d_in and,
+    with ATOMIC (SPLIT_K > 1), atomically adds into h, which the caller zero-initialises
+    (a decode batch is a skinny GEMM: without split-K only cdiv(T, BLOCK_M) programs would run).
     x [T, d_in], V [C, d_in, k] same dtype; h [T, k] float32 (written for those rows only).
     """
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(1)
     c = tl.program_id(2)
     seg_lo = tl.load(cstart_ptr + c)
     seg_hi = tl.load(cstart_ptr + c + 1)
@@ -42,13 +45,16 @@ def shrink_kernel(
         rows = row0 + tl.arange(0, BLOCK_M)
         rmask = rows < seg_hi
         tok = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_N)
         cmask = cols < k
+        chunk = tl.cdiv(tl.cdiv(d_in, tl.num_programs(1)), BLOCK_K) * BLOCK_K
+        d_lo = pid_k * chunk
+        d_hi = tl.minimum(d_in, d_lo + chunk)
         v_base = v_ptr + c.to(tl.int64) * stride_vc
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for d0 in range(0, d_in, BLOCK_K):
+        for d0 in range(d_lo, d_hi, BLOCK_K):
             dd = d0 + tl.arange(0, BLOCK_K)
-            dmask = dd < d_in
+            dmask = dd < d_hi
             xt = tl.load(
                 x_ptr + tok[:, None] * stride_xt + dd[None, :] * stride_xd,
                 mask=rmask[:, None] & dmask[None, :], other=0.0,
@@ -61,10 +67,12 @@ def shrink_kernel(
                 xt = xt.to(tl.float32)
                 vt = vt.to(tl.float32)
             acc = tl.dot(xt, vt, acc, input_precision=PREC)
-        tl.store(
-            h_ptr + tok[:, None] * stride_ht + cols[None, :] * stride_hk,
-            acc, mask=rmask[:, None] & cmask[None, :],
-        )
+        h_ptrs = h_ptr + tok[:, None] * stride_ht + cols[None, :] * stride_hk
+        hmask = rmask[:, None] & cmask[None, :]
+        if ATOMIC:
+            tl.atomic_add(h_ptrs, acc, mask=hmask)
+        else:
+            tl.store(h_ptrs, acc, mask=hmask)
 
 
 @triton.jit
@@ -211,9 +219,10 @@ def fused_decode_kernel(
 ):
     """Semantics: y[t, n-block] += U[c] @ (S[a] @ (V[c].T @ x[t])) for a = idx[t] >= 0, c = coa[a], in one launch.
 
-    Grid (T, cdiv(d_out, BLOCK_N)): each program recomputes h = V[c].T x[t] (V stays in L2 across
-    a token's programs), applies the core, and updates one BLOCK_N slice of y[t]. For decode batches,
-    where three launches and a sort cost more than this recompute. No tl.dot: exact fp32 math.
+    Grid (T, P): each of a token's P programs computes h = V[c].T x[t] (V stays in L2 across
+    them), applies the core, and updates the BLOCK_N slices j, j + P, ... of y[t]. For decode
+    batches, where three launches and a sort cost more than this recompute (P x d_in x k flops per
+    token). No tl.dot: fp32 math throughout.
     y [T, d_out] (modified in place), x [T, d_in], U [C, d_out, k], V [C, d_in, k] one dtype;
     S [N, k, k] or [N, k]; idx [T]; coa [N].
     """
@@ -245,30 +254,31 @@ def fused_decode_kernel(
                 mask=kmask[None, :] & kmask[:, None], other=0.0,
             ).to(tl.float32)
             g = tl.sum(st * h[:, None], axis=0)
-        nn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = nn < d_out
-        ut = tl.load(
-            u_ptr + c * stride_uc + nn[:, None] * stride_ud + kk[None, :] * stride_uk,
-            mask=nmask[:, None] & kmask[None, :], other=0.0,
-        ).to(tl.float32)
-        dy = tl.sum(ut * g[None, :], axis=1)
-        y_ptrs = y_ptr + t * stride_yt + nn * stride_yd
-        yv = tl.load(y_ptrs, mask=nmask, other=0.0)
-        tl.store(y_ptrs, (yv.to(tl.float32) + dy).to(yv.dtype), mask=nmask)
+        for n0 in range(pid_n * BLOCK_N, d_out, tl.num_programs(1) * BLOCK_N):
+            nn = n0 + tl.arange(0, BLOCK_N)
+            nmask = nn < d_out
+            ut = tl.load(
+                u_ptr + c * stride_uc + nn[:, None] * stride_ud + kk[None, :] * stride_uk,
+                mask=nmask[:, None] & kmask[None, :], other=0.0,
+            ).to(tl.float32)
+            dy = tl.sum(ut * g[None, :], axis=1)
+            y_ptrs = y_ptr + t * stride_yt + nn * stride_yd
+            yv = tl.load(y_ptrs, mask=nmask, other=0.0)
+            tl.store(y_ptrs, (yv.to(tl.float32) + dy).to(yv.dtype), mask=nmask)
 
 
 @triton.jit
 def lora_shrink_bgmv_kernel(
-    v_ptr, x_ptr, a_ptr, idx_ptr,
+    mid_ptr, x_ptr, a_ptr, idx_ptr,
     d_in, r,
-    stride_vt, stride_vr,
+    stride_mt, stride_mr,
     stride_xt, stride_xd,
     stride_an, stride_ar, stride_ad,
     BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Semantics: v[t] = A[a] @ x[t] for a = idx[t] >= 0 (uncompressed LoRA, BGMV shrink); v[t] = 0 for -1.
+    """Semantics: mid[t] = A[a] @ x[t] for a = idx[t] >= 0 (uncompressed LoRA, BGMV shrink); mid[t] = 0 for -1.
 
-    Grid (T,). x [T, d_in]; A [N, r, d_in] same dtype; v [T, r] float32.
+    Grid (T,). x [T, d_in]; A [N, r, d_in] same dtype; mid [T, r] float32.
     """
     t = tl.program_id(0).to(tl.int64)
     a = tl.load(idx_ptr + t).to(tl.int64)
@@ -286,21 +296,21 @@ def lora_shrink_bgmv_kernel(
                 mask=rmask[:, None] & dmask[None, :], other=0.0,
             ).to(tl.float32)
             acc += tl.sum(at * xv[None, :], axis=1)
-    tl.store(v_ptr + t * stride_vt + rr * stride_vr, acc, mask=rmask)
+    tl.store(mid_ptr + t * stride_mt + rr * stride_mr, acc, mask=rmask)
 
 
 @triton.jit
 def lora_expand_bgmv_kernel(
-    y_ptr, v_ptr, b_ptr, idx_ptr,
+    y_ptr, mid_ptr, b_ptr, idx_ptr,
     d_out, r,
     stride_yt, stride_yd,
-    stride_vt, stride_vr,
+    stride_mt, stride_mr,
     stride_bn, stride_bd, stride_br,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Semantics: y[t, n-block] += B[a] @ v[t] for a = idx[t] >= 0 (uncompressed LoRA, BGMV expand).
+    """Semantics: y[t, n-block] += B[a] @ mid[t] for a = idx[t] >= 0 (uncompressed LoRA, BGMV expand).
 
-    Grid (T, cdiv(d_out, BLOCK_N)). y [T, d_out] (modified in place); v [T, r] float32;
+    Grid (T, cdiv(d_out, BLOCK_N)). y [T, d_out] (modified in place); mid [T, r] float32;
     B [N, d_out, r] same dtype as y.
     """
     t = tl.program_id(0).to(tl.int64)
@@ -311,7 +321,7 @@ def lora_expand_bgmv_kernel(
         rmask = rr < r
         nn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = nn < d_out
-        vv = tl.load(v_ptr + t * stride_vt + rr * stride_vr, mask=rmask, other=0.0)
+        vv = tl.load(mid_ptr + t * stride_mt + rr * stride_mr, mask=rmask, other=0.0)
         bt = tl.load(
             b_ptr + a * stride_bn + nn[:, None] * stride_bd + rr[None, :] * stride_br,
             mask=nmask[:, None] & rmask[None, :], other=0.0,

@@ -124,7 +124,9 @@ def core_segment_mv_ref(
     *,
     diag: bool,
 ) -> torch.Tensor:
-    """Semantics: g[s[i]:s[i+1]] = h[s[i]:s[i+1]] @ S[seg_adapter[i]].T (diag: * S[seg_adapter[i]]); zero rows where seg_adapter[i] == -1 or outside every segment.
+    """Semantics: g[s[i]:s[i+1]] = h[s[i]:s[i+1]] @ S[seg_adapter[i]].T (diag: * S[seg_adapter[i]]); other rows 0.
+
+    Rows are zero where seg_adapter[i] == -1 or outside every segment.
 
     h: [T, k] float.  S: [N, k, k] or [N, k].  seg_start: [num_seg + 1] int, non-decreasing,
     within [0, T].  seg_adapter: [num_seg] int in [-1, N).  Returns a new float32 tensor [T, k].

@@ -56,10 +56,18 @@ def _check_device(*tensors: torch.Tensor) -> None:
             )
 
 
-def shrink(x: torch.Tensor, V: torch.Tensor, routing: Routing) -> torch.Tensor:
+#: Programs to aim for when splitting skinny GEMMs / decode work (about 2 per SM on an H100).
+_TARGET_PROGRAMS = 264
+
+
+def shrink(
+    x: torch.Tensor, V: torch.Tensor, routing: Routing, *, split_k: int | None = None
+) -> torch.Tensor:
     """Semantics: h[t] = V[c(t)].T @ x[t] (one GEMM per cluster over its tokens); h[t] = 0 where c(t) == -1.
 
     x: [T, d_in] fp16/bf16/fp32.  V: [C, d_in, k], same dtype as x.  routing: from ``route_tokens``.
+    split_k: programs sharing d_in per row block (atomic fp32 adds when > 1; summation order then
+    varies run to run); None picks one from the batch size.
     Returns a new float32 tensor h [T, k]; nothing is modified.
     """
     _check_device(x, V)
@@ -71,16 +79,20 @@ def shrink(x: torch.Tensor, V: torch.Tensor, routing: Routing) -> torch.Tensor:
         return h
     cast, prec = _dot_flags(x.dtype)
     block_m = 16 if T <= 16 else (32 if T <= 64 else 64)
-    block_n = _rank_block(k, for_dot=True)
     block_k = 128 if interpreting() else 64
-    grid = (triton.cdiv(T, block_m), triton.cdiv(k, block_n), C)
+    m_blocks = triton.cdiv(T, block_m)
+    if split_k is None:
+        max_split = triton.cdiv(d_in, 4 * block_k)  # at least 4 K-steps per program
+        split_k = 1 if interpreting() else max(1, min(max_split, _TARGET_PROGRAMS // (m_blocks * C)))
+    grid = (m_blocks, split_k, C)
     K.shrink_kernel[grid](
         x, V, h, routing.order, routing.cluster_start,
         d_in, k,
         x.stride(0), x.stride(1),
         V.stride(0), V.stride(1), V.stride(2),
         h.stride(0), h.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, CAST_FP32=cast, PREC=prec,
+        BLOCK_M=block_m, BLOCK_N=_rank_block(k, for_dot=True), BLOCK_K=block_k,
+        ATOMIC=split_k > 1, CAST_FP32=cast, PREC=prec,
     )
     return h
 
@@ -199,11 +211,13 @@ def shared_basis_lora_fused(
     cluster_of_adapter: torch.Tensor | None = None,
     *,
     diag: bool,
+    programs_per_token: int | None = None,
 ) -> torch.Tensor:
-    """Semantics: y[t] += U[c] @ (S[a] @ (V[c].T @ x[t])) for a = adapter_index[t] >= 0, c = cluster_of_adapter[a]; one launch.
+    """Semantics: y[t] += U[c] @ (S[a] @ (V[c].T @ x[t])) for a = adapter_index[t] >= 0, c = cluster_of_adapter[a].
 
-    Decode path: no routing sort, no intermediates. Shapes and dtypes as ``shared_basis_lora``;
-    y is modified in place and returned.
+    One launch, the decode path: no routing sort, no intermediates. Shapes and dtypes as ``shared_basis_lora``;
+    y is modified in place and returned. programs_per_token: programs splitting d_out for each
+    token (each recomputes V[c].T x[t]); None picks one from the batch size.
     """
     check_shared_basis(y, x, U, V, S, adapter_index, cluster_of_adapter, diag=diag)
     check_same_float_dtype("shared_basis_lora_fused", y=y, x=x, U=U, V=V)
@@ -217,7 +231,11 @@ def shared_basis_lora_fused(
     block_n = 256 if interpreting() else 128
     block_k = _rank_block(k, for_dot=False)
     block_d = max(16, min(256 if interpreting() else 128, 4096 // block_k))
-    K.fused_decode_kernel[(T, triton.cdiv(d_out, block_n))](
+    n_blocks = triton.cdiv(d_out, block_n)
+    per_token = programs_per_token
+    if per_token is None:
+        per_token = 1 if interpreting() else max(1, min(n_blocks, triton.cdiv(_TARGET_PROGRAMS, T)))
+    K.fused_decode_kernel[(T, per_token)](
         y, x, U, V, S, adapter_index, cluster_of_adapter,
         d_in, d_out, k,
         y.stride(0), y.stride(1),

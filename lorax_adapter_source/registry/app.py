@@ -40,8 +40,8 @@ class RegistryConfig:
 
     data_dir: Path
     max_blob_bytes: int = 1 << 30
-    rate: float = 50.0
-    burst: float = 200.0
+    rate: float = 100.0
+    burst: float = 1000.0
 
     def __post_init__(self) -> None:
         if self.max_blob_bytes < 1:
@@ -51,7 +51,9 @@ class RegistryConfig:
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    """The JSON error body; the code is repeated in X-Soppu-Error-Code for HEAD (no body)."""
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
+                        headers={**(headers or {}), "X-Soppu-Error-Code": code})
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "too_large"}
@@ -132,9 +134,9 @@ def create_app(config: RegistryConfig) -> FastAPI:
             async for chunk in request.stream():
                 if chunk:
                     writer.write(chunk)
-        except ClientDisconnect:
+        except ClientDisconnect:  # upload cut off: nothing was stored; nobody reads this answer
             writer.abort()
-            raise
+            return _error(400, "client_disconnected", f"upload of {digest} ended after {writer.size} bytes")
         except BaseException:
             writer.abort()
             raise
@@ -191,10 +193,13 @@ def create_app(config: RegistryConfig) -> FastAPI:
         if version < 0:
             raise ApiError(400, "bad_request", f"version must be a non-negative integer, got {version}")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_PUBLISH_BODY:
-                raise ApiError(413, "too_large", f"publish body exceeds {MAX_PUBLISH_BODY} bytes")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_PUBLISH_BODY:
+                    raise ApiError(413, "too_large", f"publish body exceeds {MAX_PUBLISH_BODY} bytes")
+        except ClientDisconnect:
+            return _error(400, "client_disconnected", "publish request ended before its body")
         return await run_in_threadpool(do_publish, request, owner, name, version, bytes(body))
 
     def readable_version(request: Request, owner: str, name: str, version: int | None) -> dict[str, Any]:

@@ -66,9 +66,9 @@ def main() -> None:
 @click.option("--port", default=8080, show_default=True, type=int)
 @click.option("--max-blob-bytes", default=1 << 30, show_default=True, type=click.IntRange(min=1),
               help="Largest blob accepted; enforced while streaming (413).")
-@click.option("--rate", default=50.0, show_default=True, type=float,
+@click.option("--rate", default=100.0, show_default=True, type=float,
               help="Per-token refill rate, requests/s (0 disables rate limiting).")
-@click.option("--burst", default=200.0, show_default=True, type=click.FloatRange(min=1),
+@click.option("--burst", default=1000.0, show_default=True, type=click.FloatRange(min=1),
               help="Per-token bucket capacity.")
 @click.option("--log-level", default="warning", show_default=True)
 def serve(data_dir: Path, host: str, port: int, max_blob_bytes: int, rate: float, burst: float, log_level: str) -> None:

@@ -47,7 +47,7 @@ class CompressConfig:
     weighting: str = "equal"
     float64: bool = False
     seed: int = 0
-    tol: float = 1e-6
+    tol: float = 1e-5
     max_iter: int = 200
     dtype: str = "float32"  # storage dtype of basis and cores in the bundle
 

@@ -55,7 +55,7 @@ def _objective(stack: FactorStack, C, AV, U, V, s) -> float:
 
 
 def fit_jd_diag(
-    stack: FactorStack, k: int, *, tol: float = 1e-6, max_iter: int = 300, seed: int = 0
+    stack: FactorStack, k: int, *, tol: float = 1e-5, max_iter: int = 300, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, bool, list[float]]:
     """Fit (U [d_out,k], V [d_in,k], s [N,k]); also returns iterations, converged, objective history."""
     U, V = hosvd_init(stack, k, seed)

@@ -1,0 +1,299 @@
+"""Serving cost of shared-basis (compressed) adapters vs uncompressed LoRAs on one projection.
+
+One Mistral-7B-shaped projection (4096 -> 4096), a batch of T tokens spread over N adapters
+(popularity distinct or zipf), timed in one run:
+
+    base                 y = x @ W.T
+    base+1lora           + one rank-16 LoRA applied to every token (the usual single-adapter cost)
+    base+N_lora_ref      + N uncompressed rank-16 LoRAs, reference gather (soppu_kernels.reference)
+    base+N_lora_bgmv     + N uncompressed LoRAs, Triton BGMV (GPU only)
+    base+N_soppu_k<k>_<backend>   + N compressed adapters (shared U, V; per-adapter k x k core);
+                         backend reference / triton / cuda, or torchgemm: two torch GEMMs around a
+                         vectorised torch gather of the cores (cuda_ops.gemm_pipeline), any device
+
+Prints one JSON object: config, machine, per-configuration times (median of repeats after
+warm-up, milliseconds) and ratios to "base+1lora" and to "uncompressed" (the fastest
+uncompressed N-adapter path measured in the same run). Never asserts a time.
+
+On CPU only the reference paths run; ``--quick`` shrinks sizes so it finishes in under a minute.
+
+    .venv/bin/python benchmarks/serve.py --quick
+    .venv/bin/python benchmarks/serve.py                # on a GPU machine: the full grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import soppu_kernels as sk
+from soppu_kernels.cuda_ops import gemm_pipeline
+
+
+def _torch_core(h: torch.Tensor, S: torch.Tensor, adapter_index: torch.Tensor, *, diag: bool) -> torch.Tensor:
+    """Vectorised torch per-token core multiply (gather S by index, batched matvec); 0 for index -1."""
+    idx = adapter_index.long()
+    core = S[idx.clamp_min(0)].float()
+    g = core * h if diag else torch.bmm(core, h.unsqueeze(2)).squeeze(2)
+    return torch.where((idx >= 0).unsqueeze(1), g, 0.0)
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        info["cpu"] = names[0] if names else platform.processor()
+    except OSError:
+        info["cpu"] = platform.processor()
+    if device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            info["triton"] = None
+    else:
+        info["device"] = "cpu"
+    return info
+
+
+def _timer(
+    device: torch.device, warmup: int, repeats: int
+) -> Callable[[dict[str, Callable[[], Any]]], dict[str, tuple[float, float]]]:
+    """Returns measure(fns) -> {name: (median_ms, min_ms)}.
+
+    Repeats are interleaved round-robin across the functions, so a burst of load from other
+    processes spreads over all of them instead of skewing one.
+    """
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def measure(fns: dict[str, Callable[[], Any]]) -> dict[str, tuple[float, float]]:
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        sync()
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        return {name: (statistics.median(v), min(v)) for name, v in times.items()}
+
+    return measure
+
+
+def _indices(T: int, N: int, popularity: str, gen: torch.Generator) -> torch.Tensor:
+    if popularity == "distinct":
+        return torch.arange(T) % N
+    if popularity == "zipf":
+        p = 1.0 / torch.arange(1, N + 1, dtype=torch.float64) ** 1.1
+        return torch.multinomial(p, T, replacement=True, generator=gen)
+    raise ValueError(f"`popularity` must be 'distinct' or 'zipf', got {popularity!r}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.dtype or ("fp16" if on_gpu else "fp32")
+    ]
+    d = args.hidden
+    measure = _timer(device, args.warmup, args.repeats)
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    W = rnd(d, d, scale=d**-0.5)
+    N_max = max(args.adapters)
+    A_all = rnd(N_max, args.lora_rank, d, scale=d**-0.5)  # lora_A
+    B_all = rnd(N_max, d, args.lora_rank, scale=args.lora_rank**-0.5)  # lora_B (scaling folded in)
+    bases = {
+        k: (
+            rnd(args.clusters, d, k, scale=k**-0.5),  # U
+            rnd(args.clusters, d, k, scale=d**-0.5),  # V
+            (torch.randn(N_max, k, k, generator=gen) * k**-0.5).to(device),  # S, float32 as in bundles
+        )
+        for k in args.ranks
+    }
+    compressed_backends = ["reference", "torchgemm"] if not on_gpu else ["triton", "cuda", "torchgemm"]
+    if on_gpu and args.gpu_reference:
+        compressed_backends.insert(0, "reference")
+
+    results = []
+    for T in args.tokens:
+        x = rnd(T, d)
+        y = torch.empty(T, d, device=device, dtype=dtype)
+        one_idx = torch.zeros(T, dtype=torch.int32, device=device)
+
+        def base() -> None:
+            torch.matmul(x, W.T, out=y)
+
+        def base_one_lora() -> None:
+            torch.matmul(x, W.T, out=y)
+            y.add_((x @ A_all[0].T) @ B_all[0].T)
+
+        for N in args.adapters:
+            for pop in args.popularity:
+                idx = _indices(T, N, pop, gen).to(device=device, dtype=torch.int32)
+                coa = (torch.arange(N) % args.clusters).to(device=device, dtype=torch.int32)
+                A, B = A_all[:N], B_all[:N]
+                fns: dict[str, Callable[[], Any]] = {"base": base, "base+1lora": base_one_lora}
+
+                def dense(backend: str, A: torch.Tensor = A, B: torch.Tensor = B,
+                          idx: torch.Tensor = idx) -> Callable[[], None]:
+                    def fn() -> None:
+                        torch.matmul(x, W.T, out=y)
+                        sk.dense_lora(y, x, A, B, idx, backend=backend)
+
+                    return fn
+
+                fns["base+N_lora_ref"] = dense("reference")
+                if on_gpu:
+                    fns["base+N_lora_bgmv"] = dense("triton")
+                errors: dict[str, str] = {}
+                for k, (U, V, S_all) in bases.items():
+                    for backend in compressed_backends:
+
+                        def ours(backend: str = backend, U: torch.Tensor = U, V: torch.Tensor = V,
+                                 S: torch.Tensor = S_all[:N], idx: torch.Tensor = idx,
+                                 coa: torch.Tensor = coa) -> None:
+                            torch.matmul(x, W.T, out=y)
+                            if backend == "torchgemm":
+                                gemm_pipeline(y, x, U, V, S, idx, coa, diag=False, core_fn=_torch_core)
+                            else:
+                                sk.shared_basis_lora(y, x, U, V, S, idx, coa, diag=False, backend=backend)
+
+                        key = f"base+N_soppu_k{k}_{backend}"
+                        try:  # e.g. the CUDA extension fails to build: report, keep going
+                            ours()
+                            fns[key] = ours
+                        except Exception as e:  # noqa: BLE001
+                            errors[key] = f"{type(e).__name__}: {e}"[:300]
+                timed = measure(fns)
+                times = {key: med for key, (med, _) in timed.items()}
+                t_one = times["base+1lora"]
+                uncompressed = min(v for key, v in times.items() if key.startswith("base+N_lora"))
+                results.append(
+                    {
+                        "tokens": T,
+                        "adapters": N,
+                        "popularity": pop,
+                        "distinct_adapters_in_batch": int(torch.unique(idx).numel()),
+                        "times_ms": {key: round(v, 4) for key, v in times.items()},
+                        "min_ms": {key: round(mn, 4) for key, (_, mn) in timed.items()},
+                        "ratio_to_one_lora": {key: round(v / t_one, 3) for key, v in times.items()},
+                        "ratio_to_uncompressed": {
+                            key: round(v / uncompressed, 3)
+                            for key, v in times.items()
+                            if key.startswith("base+N_")
+                        },
+                        **({"errors": errors} if errors else {}),
+                    }
+                )
+                print(f"done T={T} N={N} {pop}", file=sys.stderr)
+
+    esize = torch.finfo(dtype).bits // 8
+    storage = {
+        f"uncompressed_N{N}_bytes": N * 2 * args.lora_rank * d * esize for N in args.adapters
+    } | {
+        f"soppu_k{k}_N{N}_bytes": args.clusters * 2 * d * k * esize + N * k * k * 4
+        for k in args.ranks
+        for N in args.adapters
+    }
+    return {
+        "benchmark": "serve",
+        "config": {
+            "projection": f"{d}x{d} (Mistral-7B q_proj/o_proj shape)" if d == 4096 else f"{d}x{d}",
+            "hidden": d,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": str(device),
+            "tokens": args.tokens,
+            "adapters": args.adapters,
+            "popularity": args.popularity,
+            "lora_rank": args.lora_rank,
+            "ranks_k": args.ranks,
+            "cores": "full (k x k, float32)",
+            "clusters": args.clusters,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "timing": "times_ms: median wall time per call (ms, device synchronised), repeats "
+            "interleaved across the row's paths; min_ms: the fastest repeat",
+            "torch_threads": torch.get_num_threads(),
+            "quick": args.quick,
+            "compressed_backends": compressed_backends,
+        },
+        "machine": _machine(device),
+        "storage": storage,
+        "results": results,
+        "notes": [
+            "ratio_to_uncompressed divides by the fastest uncompressed N-adapter path of the same row",
+            "CPU runs time only the pure-torch reference paths: they show the algorithmic cost, "
+            "not kernel speed; real timings need a GPU",
+        ],
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes: < 1 min on CPU")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+                   help="default fp16 on GPU, fp32 on CPU")
+    p.add_argument("--hidden", type=int, default=None, help="projection size (default 4096)")
+    p.add_argument("--tokens", type=int, nargs="+", default=None)
+    p.add_argument("--adapters", type=int, nargs="+", default=None)
+    p.add_argument("--popularity", nargs="+", default=["distinct", "zipf"])
+    p.add_argument("--ranks", type=int, nargs="+", default=[16, 32], help="compressed ranks k")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--clusters", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 on CPU, for steadier timings on shared machines)")
+    p.add_argument("--gpu-reference", action="store_true",
+                   help="on GPU also time the reference compressed path")
+    a = p.parse_args(argv)
+    quick = a.quick
+    a.hidden = a.hidden or (1024 if quick else 4096)
+    a.tokens = a.tokens or ([16, 64] if quick else [64, 256, 1024])
+    a.adapters = a.adapters or ([1, 10, 100] if quick else [1, 10, 100, 1000])
+    a.warmup = a.warmup if a.warmup is not None else (2 if quick else 3)
+    a.repeats = a.repeats if a.repeats is not None else (15 if quick else 10)
+    on_cpu = (a.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    a.threads = a.threads if a.threads is not None else (1 if on_cpu else None)
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    print(json.dumps(run(parse_args(argv)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""On-disk layout of the serving-side cache, its locks and its content-addressed blob store.
+
+    <root>/<owner>/<name>/v<version>/      a materialized PEFT adapter dir (immutable once renamed in)
+        adapter_config.json
+        adapter_model.safetensors
+        soppu_source.json                  provenance: registry, statement digest, key id, files
+    <root>/<owner>/<name>/latest           symlink -> v<N>, the newest version materialized here
+    <root>/.blobs/sha256/<hex>             verified blobs, shared by every adapter (a basis once)
+    <root>/.locks/                         one lock file per adapter version and per blob
+    <root>/.tmp/                           staging; anything here is garbage from a crashed run
+
+``<root>`` is ``$SOPPU_CACHE_DIR`` or ``<HUGGINGFACE_HUB_CACHE>/soppu`` (LoRAX's cache). A version
+dir is built in ``.tmp`` and renamed into place while its lock is held, so readers in other
+processes or shards see either nothing or the complete dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock
+
+MARKER = "soppu_source.json"
+LATEST = "latest"
+_CHUNK = 1 << 20
+
+
+def default_root() -> Path:
+    env = os.environ.get("SOPPU_CACHE_DIR")
+    if env:
+        return Path(env)
+    try:
+        from huggingface_hub.constants import HUGGINGFACE_HUB_CACHE
+
+        hub = HUGGINGFACE_HUB_CACHE
+    except ImportError:  # pragma: no cover - huggingface_hub is a LoRAX and transformers dependency
+        hub = os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(
+            os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+        )
+    return Path(hub) / "soppu"
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+            n += len(block)
+    return h.hexdigest(), n
+
+
+class Cache:
+    """Paths, locks and the blob store under one cache root."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None):
+        self.root = Path(root) if root is not None else default_root()
+
+    # -- layout -------------------------------------------------------------------------------
+    def adapter_root(self, owner: str, name: str) -> Path:
+        return self.root / owner / name
+
+    def version_dir(self, owner: str, name: str, version: int) -> Path:
+        return self.adapter_root(owner, name) / f"v{version}"
+
+    def latest_link(self, owner: str, name: str) -> Path:
+        return self.adapter_root(owner, name) / LATEST
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.root / ".blobs" / "sha256" / sha256
+
+    def is_complete(self, version_dir: Path) -> bool:
+        return (version_dir / MARKER).is_file() and (version_dir / "adapter_model.safetensors").is_file()
+
+    def latest_version(self, owner: str, name: str) -> int | None:
+        """Version the ``latest`` link points to, or None."""
+        try:
+            target = os.readlink(self.latest_link(owner, name))
+        except OSError:
+            return None
+        if target.startswith("v") and target[1:].isdigit():
+            return int(target[1:])
+        return None
+
+    # -- locks and staging --------------------------------------------------------------------
+    def lock(self, key: str, timeout: float = -1) -> FileLock:
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
+        return FileLock(str(locks / f"{safe}.lock"), timeout=timeout)
+
+    @contextmanager
+    def staging(self, label: str) -> Iterator[Path]:
+        """A fresh dir under ``.tmp`` that is always removed afterwards (rename what you keep)."""
+        tmp_root = self.root / ".tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=tmp_root))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # -- blobs --------------------------------------------------------------------------------
+    def cached_blob(self, sha256: str, size: int) -> Path | None:
+        """The cached blob if present and still intact (re-hashed: the disk is not trusted)."""
+        path = self.blob_path(sha256)
+        if not path.is_file():
+            return None
+        digest, n = sha256_file(path)
+        if n == size and hmac.compare_digest(digest, sha256):
+            return path
+        path.unlink(missing_ok=True)  # corrupted on disk: drop it, it will be fetched again
+        return None
+
+    def store_blob(self, verified_file: Path, sha256: str) -> Path:
+        """Move an already verified file into the blob store (atomic; keeps an existing copy)."""
+        dest = self.blob_path(sha256)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(verified_file, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(verified_file, dest)
+        fsync_dir(dest.parent)
+        return dest
+
+    def set_latest(self, owner: str, name: str, version: int) -> None:
+        """Point ``latest`` at ``v<version>`` unless it already points at a newer one (atomic)."""
+        current = self.latest_version(owner, name)
+        if current is not None and current >= version:
+            return
+        link = self.latest_link(owner, name)
+        tmp = link.with_name(f".{LATEST}.{os.getpid()}.{os.urandom(4).hex()}")
+        os.symlink(f"v{version}", tmp)
+        os.replace(tmp, link)
+        fsync_dir(link.parent)

@@ -1,0 +1,420 @@
+"""Resolve, verify, download and materialize one adapter version from a SOPPU registry.
+
+Order of checks (nothing reaches the cache before all of them pass):
+
+1. ``GET /v1/adapters/<owner>/<name>[/versions/<v>]`` with the request's token -> version record.
+2. The owner's key: ``$SOPPU_TRUSTED_KEYS/<owner>.pub`` when that dir is set (pinned keys), else
+   ``GET /v1/keys/<owner>``, picking the key the signature names. ``verify_statement`` checks the
+   Ed25519 signature, expiry, owner, adapter name and version.
+3. manifest.json, basis and the adapter's core are streamed into a staging dir; each file's size
+   and sha256 must equal the signed statement's. manifest.json must agree with the statement.
+4. Tensors are validated (``validate_safetensors`` with the shapes the manifest implies) and the
+   adapter is exported to a standard PEFT dir (``soppu_client.bundle.export_peft``).
+5. Under the version's file lock the verified blobs enter the blob store (a basis shared by many
+   adapters is fetched once) and the PEFT dir is renamed into ``<root>/<owner>/<name>/v<N>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from soppu_client import signing
+from soppu_client.bundle import BASIS, MANIFEST, Bundle, core_path, export_peft
+from soppu_client.errors import BundleError, InputError, RegistryError, SignatureError, SoppuError, VerificationError
+from soppu_client.registry_client import RegistryClient
+
+from ._cache import MARKER, Cache, fsync_dir
+
+OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """``owner/name[@version]`` parsed; ``version`` None means the latest published."""
+
+    owner: str
+    name: str
+    version: int | None = None
+
+    @classmethod
+    def parse(cls, adapter_id: str, revision: str | None = None) -> "AdapterRef":
+        text = (adapter_id or "").strip()
+        version: int | None = None
+        if "@" in text:
+            text, _, v = text.rpartition("@")
+            if not v.isdigit():
+                raise InputError(f"soppu adapter id {adapter_id!r}: version after '@' must be an integer, got {v!r}")
+            version = int(v)
+        elif revision and str(revision).isdigit():
+            version = int(revision)
+        owner, sep, name = text.partition("/")
+        if not sep or not OWNER_RE.match(owner) or not NAME_RE.match(name):
+            raise InputError(
+                f"soppu adapter id {adapter_id!r} must look like `owner/name` or `owner/name@version` "
+                f"(owner {OWNER_RE.pattern}, name {NAME_RE.pattern})"
+            )
+        return cls(owner, name, version)
+
+    def __str__(self) -> str:
+        return f"{self.owner}/{self.name}" + (f"@{self.version}" if self.version is not None else "")
+
+
+@dataclass
+class Resolved:
+    """A version record from the registry (not yet verified)."""
+
+    ref: AdapterRef
+    version: int
+    signature: dict[str, Any]
+    record: dict[str, Any]
+
+
+@dataclass
+class FetchStats:
+    """What one materialization did (for tests and benchmarks)."""
+
+    materialized: bool = False  # this call built the version dir
+    blobs_downloaded: list[str] = field(default_factory=list)  # paths fetched over the network
+    bytes_downloaded: int = 0
+    blobs_reused: list[str] = field(default_factory=list)  # paths served from the blob store
+
+
+# -- registry access ------------------------------------------------------------------------------
+
+def registry_url() -> str:
+    url = os.environ.get("SOPPU_REGISTRY_URL", "").strip()
+    if not url:
+        raise InputError(
+            "SOPPU_REGISTRY_URL is not set: start LoRAX with SOPPU_REGISTRY_URL=http://registry:8080 "
+            "to serve adapters of source `soppu`"
+        )
+    return url.rstrip("/")
+
+
+def make_client(url: str, token: str | None) -> RegistryClient:
+    retries = int(os.environ.get("SOPPU_REGISTRY_RETRIES", "2"))
+    timeout = float(os.environ.get("SOPPU_REGISTRY_TIMEOUT", "30"))
+    return RegistryClient(url, token, retries=retries, backoff=0.2, max_wait=2.0, timeout=timeout)
+
+
+def _explain(err: RegistryError, ref: AdapterRef, url: str, what: str) -> SoppuError:
+    """Turn a registry refusal into a message a LoRAX client can act on."""
+    if err.status is None:
+        return RegistryError(
+            f"soppu adapter {ref}: cannot reach the registry at {url} ({what}): {err}. "
+            "Check SOPPU_REGISTRY_URL and that the registry is running.",
+            status=None, code="unreachable", url=err.url,
+        )
+    if err.status == 401:
+        return RegistryError(
+            f"soppu adapter {ref}: the registry at {url} rejected the token ({err}). "
+            "Send a valid registry token as the request's api_token (or set SOPPU_REGISTRY_TOKEN).",
+            status=401, code=err.code, url=err.url,
+        )
+    if err.status == 403:
+        return RegistryError(
+            f"soppu adapter {ref}: the token may not read adapters of owner {ref.owner!r} ({err}). "
+            "Use an owner-read token of that owner or a serving-read token.",
+            status=403, code=err.code, url=err.url,
+        )
+    if err.status == 404:
+        which = f"version {ref.version} of" if ref.version is not None else "version of"
+        return RegistryError(
+            f"soppu adapter {ref}: unknown adapter: the registry at {url} has no published {which} "
+            f"{ref.owner}/{ref.name} ({err})",
+            status=404, code=err.code, url=err.url,
+        )
+    return RegistryError(f"soppu adapter {ref}: registry error while {what}: {err}", status=err.status,
+                         code=err.code, url=err.url)
+
+
+_resolve_cache: dict[tuple[str, str, str], tuple[float, Resolved]] = {}
+_resolve_lock = threading.Lock()
+
+
+def resolve(ref: AdapterRef, url: str, token: str | None, *, ttl: float | None = None) -> Resolved:
+    """Fetch the version record (every call checks the token, but results live ``ttl`` seconds
+    in this process so that LoRAX's several calls for one request cost one round trip)."""
+    ttl = float(os.environ.get("SOPPU_RESOLVE_TTL", "5")) if ttl is None else ttl
+    key = (url, str(ref), hashlib.sha256((token or "").encode()).hexdigest())
+    now = time.monotonic()
+    with _resolve_lock:
+        hit = _resolve_cache.get(key)
+        if hit is not None and now - hit[0] < ttl:
+            return hit[1]
+    client = make_client(url, token)
+    try:
+        record = client.get_version(ref.owner, ref.name, ref.version)
+    except RegistryError as e:
+        raise _explain(e, ref, url, "resolving the version") from None
+    try:
+        version = int(record["version"])
+        sig = record["signature"]
+        if record.get("owner") != ref.owner or record.get("name") != ref.name or not isinstance(sig, dict):
+            raise KeyError("owner/name/signature")
+        if ref.version is not None and version != ref.version:
+            raise KeyError("version")
+    except (KeyError, TypeError, ValueError) as e:
+        raise RegistryError(f"soppu adapter {ref}: the registry at {url} answered a malformed version record ({e})",
+                            code="bad_record") from None
+    resolved = Resolved(ref, version, sig, record)
+    with _resolve_lock:
+        _resolve_cache[key] = (now, resolved)
+    return resolved
+
+
+def forget_resolutions() -> None:
+    with _resolve_lock:
+        _resolve_cache.clear()
+
+
+def owner_key(ref: AdapterRef, signature_doc: dict[str, Any], url: str, token: str | None) -> Any:
+    """The public key to trust for ``ref.owner``: pinned on disk, or the registered one named by key_id."""
+    pinned_dir = os.environ.get("SOPPU_TRUSTED_KEYS")
+    if pinned_dir:
+        path = Path(pinned_dir) / f"{ref.owner}.pub"
+        if not path.is_file():
+            raise SignatureError(
+                f"soppu adapter {ref}: no trusted key for owner {ref.owner!r} in SOPPU_TRUSTED_KEYS "
+                f"({path} is missing)"
+            )
+        return signing.load_public_key(path)
+    try:
+        keys = make_client(url, token).get_keys(ref.owner)
+    except RegistryError as e:
+        raise _explain(e, ref, url, "fetching the owner's keys") from None
+    key_id = signature_doc.get("key_id")
+    for k in keys:
+        if k.get("key_id") == key_id and isinstance(k.get("public_key"), str):
+            pub = signing.load_public_key(k["public_key"].encode())
+            if signing.public_key_id(pub) == key_id:
+                return pub
+    raise SignatureError(
+        f"soppu adapter {ref}: bad signature: it names key {key_id!r}, which is not a registered key of "
+        f"owner {ref.owner!r}"
+    )
+
+
+def verify(resolved: Resolved, url: str, token: str | None) -> dict[str, Any]:
+    """Check the signed statement against the owner's key; returns the statement."""
+    ref = resolved.ref
+    pub = owner_key(ref, resolved.signature, url, token)
+    try:
+        return signing.verify_statement(resolved.signature, pub, owner=ref.owner, adapter=ref.name,
+                                        version=resolved.version)
+    except SignatureError as e:
+        raise SignatureError(f"soppu adapter {ref}@{resolved.version}: bad signature: {e}") from None
+
+
+# -- download ---------------------------------------------------------------------------------
+
+def _download(client: RegistryClient, ref: AdapterRef, version: int, entry: dict[str, Any], dest: Path,
+              url: str) -> None:
+    """Stream one blob to ``dest`` and check it against the signed size and sha256."""
+    path = f"/v1/blobs/sha256:{quote(entry['sha256'])}"
+    try:
+        resp = client.request("GET", path, stream=True)
+    except RegistryError as e:
+        raise _explain(e, ref, url, f"downloading {entry['path']}") from None
+    h = hashlib.sha256()
+    n = 0
+    limit = int(entry["size"])
+    try:
+        with open(dest, "wb") as f:
+            for block in resp.iter_content(_CHUNK):
+                n += len(block)
+                if n > limit:
+                    break
+                h.update(block)
+                f.write(block)
+    finally:
+        resp.close()
+    if n != limit or not hmac.compare_digest(h.hexdigest(), entry["sha256"]):
+        got = f"more than {limit} bytes" if n > limit else f"{n} bytes with sha256 {h.hexdigest()}"
+        raise VerificationError(
+            f"soppu adapter {ref}@{version}: digest mismatch: the registry served {entry['path']} as {got}, "
+            f"the signed statement says {limit} bytes with sha256 {entry['sha256']}; refusing it"
+        )
+
+
+def _check_manifest(manifest: dict[str, Any], statement: dict[str, Any], ref: AdapterRef, version: int,
+                    needed: list[str]) -> None:
+    by_path = {f["path"]: f for f in statement["files"]}
+    problems = []
+    if manifest.get("base_model") != statement["base_model"]:
+        problems.append(f"base_model {manifest.get('base_model')!r} != signed {statement['base_model']!r}")
+    adapters = manifest.get("adapters")
+    if not isinstance(adapters, dict) or ref.name not in adapters:
+        problems.append(f"manifest.json has no adapter {ref.name!r}")
+    mfiles = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    for rel in needed:
+        if rel not in by_path:
+            problems.append(f"{rel} is not in the signed statement")
+            continue
+        m = mfiles.get(rel)
+        if not isinstance(m, dict) or m.get("sha256") != by_path[rel]["sha256"] or m.get("size") != by_path[rel]["size"]:
+            problems.append(f"{rel}: manifest entry {m!r} differs from the signed statement")
+    if problems:
+        raise VerificationError(f"soppu adapter {ref}@{version}: manifest does not match its signature: "
+                                + "; ".join(problems))
+
+
+def _provenance(url: str, resolved: Resolved, statement: dict[str, Any], files: list[dict[str, Any]]) -> dict:
+    return {
+        "format": "soppu-source/1",
+        "registry": url,
+        "owner": resolved.ref.owner,
+        "name": resolved.ref.name,
+        "version": resolved.version,
+        "key_id": resolved.signature.get("key_id"),
+        "statement_sha256": hashlib.sha256(signing.canonical_json(statement)).hexdigest(),
+        "expires_at": statement["expires_at"],
+        "base_model": statement["base_model"],
+        "files": files,
+        "materialized_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _check_cached(final: Path, statement: dict[str, Any], ref: AdapterRef, version: int) -> None:
+    """A cached dir is served only if the files it was built from are still the signed ones."""
+    try:
+        recorded = json.loads((final / MARKER).read_text(encoding="utf-8"))["files"]
+        used = {(f["path"], f["sha256"], f["size"]) for f in recorded}
+    except (OSError, ValueError, KeyError, TypeError):
+        used = None
+    signed = {(f["path"], f["sha256"], f["size"]) for f in statement["files"]}
+    if used is None or not used <= signed:
+        raise VerificationError(
+            f"soppu adapter {ref}@{version}: the cached copy in {final} was built from files the current signed "
+            "statement does not list; remove that directory to fetch it again"
+        )
+
+
+def materialize(ref: AdapterRef, *, token: str | None, url: str | None = None, cache: Cache | None = None,
+                resolved: Resolved | None = None, lock_timeout: float = 600.0) -> tuple[Path, FetchStats]:
+    """Make ``<cache>/<owner>/<name>/v<N>`` a complete, verified PEFT dir; returns (dir, stats).
+
+    Safe to call from many processes or threads at once: the work is done once under a file lock
+    and every caller returns only after the complete dir is in place.
+    """
+    url = url or registry_url()
+    cache = cache or Cache()
+    resolved = resolved or resolve(ref, url, token)
+    statement = verify(resolved, url, token)  # before any byte is written
+    version = resolved.version
+    final = cache.version_dir(ref.owner, ref.name, version)
+    stats = FetchStats()
+    if cache.is_complete(final):
+        _check_cached(final, statement, ref, version)
+        if ref.version is None:
+            cache.set_latest(ref.owner, ref.name, version)
+        return final, stats
+    from filelock import Timeout
+
+    try:
+        with cache.lock(f"adapter-{ref.owner}--{ref.name}--v{version}", timeout=lock_timeout):
+            if cache.is_complete(final):  # another process finished while we waited
+                if ref.version is None:
+                    cache.set_latest(ref.owner, ref.name, version)
+                return final, stats
+            _build(ref, resolved, statement, url, token, cache, final, stats)
+            if ref.version is None:
+                cache.set_latest(ref.owner, ref.name, version)
+    except Timeout:
+        raise RegistryError(f"soppu adapter {ref}@{version}: timed out after {lock_timeout:.0f}s waiting for "
+                            "another process to materialize it", code="lock_timeout") from None
+    stats.materialized = True
+    return final, stats
+
+
+def _build(ref: AdapterRef, resolved: Resolved, statement: dict[str, Any], url: str, token: str | None,
+           cache: Cache, final: Path, stats: FetchStats) -> None:
+    version = resolved.version
+    by_path = {f["path"]: f for f in statement["files"]}
+    client = make_client(url, token)
+    with cache.staging(f"{ref.owner}--{ref.name}--v{version}") as stage:
+        bundle_dir = stage / "bundle"
+        (bundle_dir / "cores").mkdir(parents=True)
+        fresh: dict[str, Path] = {}  # sha256 -> verified file in staging, not yet in the blob store
+
+        def fetch(rel: str) -> Path:
+            entry = by_path.get(rel)
+            if entry is None:
+                raise VerificationError(f"soppu adapter {ref}@{version}: {rel} is not covered by the signed statement")
+            if entry["sha256"] in fresh:
+                return fresh[entry["sha256"]]
+            cached = cache.cached_blob(entry["sha256"], entry["size"])
+            if cached is not None:
+                stats.blobs_reused.append(rel)
+                return cached
+            dest = stage / f"blob-{entry['sha256']}"
+            _download(client, ref, version, entry, dest, url)
+            stats.blobs_downloaded.append(rel)
+            stats.bytes_downloaded += entry["size"]
+            fresh[entry["sha256"]] = dest
+            return dest
+
+        core = core_path(ref.name)
+        needed = [MANIFEST, BASIS, core]
+        absent = [rel for rel in needed if rel not in by_path]
+        if absent:
+            raise VerificationError(f"soppu adapter {ref}@{version}: the signed statement does not cover "
+                                    f"{', '.join(absent)}")
+        with ExitStack() as locks:
+            # One lock per blob (sorted: no deadlock), held until the blobs are stored: processes
+            # fetching adapters that share a basis download it once.
+            for digest in sorted({by_path[rel]["sha256"] for rel in needed}):
+                locks.enter_context(cache.lock(f"blob-{digest}"))
+            sources = {rel: fetch(rel) for rel in needed}
+            try:
+                manifest = json.loads(sources[MANIFEST].read_bytes())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise BundleError(f"soppu adapter {ref}@{version}: manifest.json is not valid JSON ({e})") from None
+            if not isinstance(manifest, dict):
+                raise BundleError(f"soppu adapter {ref}@{version}: manifest.json is not a JSON object")
+            _check_manifest(manifest, statement, ref, version, [BASIS, core])
+            for rel, src in sources.items():
+                _link_or_copy(src, bundle_dir / rel)
+            try:
+                bundle = Bundle.open(bundle_dir, verify_digests=False)  # digests checked above
+                out = stage / "peft"
+                export_peft(bundle, ref.name, out)
+            except (BundleError, InputError, VerificationError) as e:
+                raise VerificationError(f"soppu adapter {ref}@{version}: bundle failed validation: {e}") from None
+            files = [by_path[rel] for rel in needed]
+            (out / MARKER).write_text(
+                json.dumps(_provenance(url, resolved, statement, files), indent=2, sort_keys=True) + "\n",
+                encoding="utf-8",
+            )
+            with open(out / MARKER, "rb") as f:
+                os.fsync(f.fileno())
+            fsync_dir(out)
+            # Everything verified and exported: only now does anything enter the cache.
+            for digest, path in list(fresh.items()):
+                cache.store_blob(path, digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out, final)  # the dir appears complete, or not at all
+        fsync_dir(final.parent)
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, dest)

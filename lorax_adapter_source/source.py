@@ -1,0 +1,165 @@
+"""LoRAX adapter source ``soppu``: adapters from a SOPPU registry, served as standard PEFT dirs.
+
+A patched LoRAX (see ``server_patches/``) routes ``adapter_source="soppu"`` here:
+``get_model_source`` builds a :class:`SoppuModelSource`, ``get_config_path`` / ``get_local_dir``
+call :func:`get_soppu_local_dir`. The adapter id is ``owner/name[@version]``.
+
+Environment (LoRAX process):
+
+    SOPPU_REGISTRY_URL     registry base URL (required), e.g. http://registry:8080
+    SOPPU_REGISTRY_TOKEN   token used when a request carries no api_token (e.g. preloaded adapters)
+    SOPPU_CACHE_DIR        cache root (default <HUGGINGFACE_HUB_CACHE>/soppu)
+    SOPPU_TRUSTED_KEYS     optional dir of pinned owner keys <owner>.pub (default: the registry's)
+    SOPPU_RESOLVE_TTL      seconds a version lookup is reused within a process (default 5)
+    SOPPU_REGISTRY_TIMEOUT, SOPPU_REGISTRY_RETRIES   per-request timeout (30 s) and retries (2)
+
+Every lookup sends the request's token to the registry, so a cached adapter is still only served
+to a caller the registry lets read it. Errors are :class:`~soppu_client.errors.SoppuError`
+subclasses whose message names the adapter and the fix; LoRAX returns that message to the client.
+
+This module imports nothing from LoRAX at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, List, Optional
+
+from ._cache import LATEST, Cache
+from ._materialize import AdapterRef, FetchStats, Resolved, materialize, registry_url, resolve
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lorax_server.adapters.config import AdapterConfig
+
+__all__ = ["SoppuModelSource", "get_soppu_local_dir", "AdapterRef", "WEIGHTS_NAME", "CONFIG_NAME"]
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+
+
+def get_soppu_local_dir(model_id: str) -> Path:
+    """Where LoRAX finds the materialized dir of ``model_id`` (no network).
+
+    ``owner/name@N`` -> ``<cache>/owner/name/vN``; ``owner/name`` -> ``<cache>/owner/name/latest``
+    (a symlink, replaced atomically, to the newest version materialized on this host).
+    """
+    ref = AdapterRef.parse(model_id)
+    cache = Cache()
+    if ref.version is not None:
+        return cache.version_dir(ref.owner, ref.name, ref.version)
+    return cache.adapter_root(ref.owner, ref.name) / LATEST
+
+
+class SoppuModelSource:
+    """LoRAX ``BaseModelSource`` for one ``owner/name[@version]`` adapter (duck-typed: no LoRAX import)."""
+
+    def __init__(self, model_id: str, revision: Optional[str] = None, extension: str = ".safetensors",
+                 api_token: Optional[str] = None, *, cache_dir: str | os.PathLike[str] | None = None,
+                 registry: str | None = None):
+        self.model_id = model_id
+        self.ref = AdapterRef.parse(model_id, revision)
+        self.revision = revision
+        self.extension = extension
+        self._api_token = api_token or os.environ.get("SOPPU_REGISTRY_TOKEN") or None
+        self._registry = registry
+        self.cache = Cache(cache_dir)
+        self._resolved: Resolved | None = None
+        self.last_stats: FetchStats | None = None
+
+    # -- LoRAX interface ----------------------------------------------------------------------
+    @property
+    def api_token(self) -> Optional[str]:
+        return self._api_token
+
+    @property
+    def registry_url(self) -> str:
+        return (self._registry or registry_url()).rstrip("/")
+
+    def remote_weight_files(self, extension: str = None) -> List[str]:
+        extension = extension or self.extension
+        return [WEIGHTS_NAME] if WEIGHTS_NAME.endswith(extension) else []
+
+    def weight_files(self, extension: str = None) -> List[Path]:
+        """The cached weight files of the resolved version; FileNotFoundError when not materialized.
+
+        For ``owner/name`` (no version) the registry is asked for the latest version (with the
+        request's token), so a newly published version is fetched rather than a stale one served.
+        """
+        extension = extension or self.extension
+        if not WEIGHTS_NAME.endswith(extension):
+            raise FileNotFoundError(f"soppu adapter {self.ref} has no weights with extension {extension}")
+        local = self.local_dir()
+        if not self.cache.is_complete(local):
+            raise FileNotFoundError(f"soppu adapter {self.ref} is not in the local cache ({local}); "
+                                    "it is fetched by download_model_assets()")
+        return [local / WEIGHTS_NAME]
+
+    def download_weights(self, filenames: List[str]) -> List[Path]:
+        local = self._materialize()
+        return [local / f for f in filenames]
+
+    def download_model_assets(self) -> List[Path]:
+        local = self._materialize()
+        return sorted(p for p in local.iterdir() if p.is_file())
+
+    def download_file(self, filename: str, ignore_errors: bool = False) -> Optional[Path]:
+        """Materialize the adapter (if needed) and return one of its files.
+
+        Registry, signature and digest errors always raise (they must reach the client);
+        ``ignore_errors`` only covers a file the adapter does not have (e.g. ``config.json``).
+        """
+        path = self._materialize() / filename
+        if path.is_file():
+            return path
+        if ignore_errors:
+            return None
+        raise FileNotFoundError(f"soppu adapter {self.ref} has no file {filename!r}")
+
+    def get_local_path(self, model_id: str) -> Path:
+        return get_soppu_local_dir(model_id)
+
+    def get_weight_bytes(self) -> int:
+        """Bytes of tensor data in the weight files (what LoRAX reserves memory for)."""
+        total = 0
+        for path in self.weight_files():
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+            if size < 8 or 8 + header_len > size:
+                raise RuntimeError(f"soppu adapter {self.ref}: {path} is not a safetensors file")
+            total += size - 8 - header_len
+        return total
+
+    def load_config(self) -> "AdapterConfig":
+        """As LoRAX's ``BaseModelSource.load_config``: config.json / adapter_config.json -> AdapterConfig."""
+        from lorax_server.adapters import load_adapter_config
+
+        config_path = self.download_file("config.json", ignore_errors=True)
+        adapter_config_path = self.download_file(CONFIG_NAME, ignore_errors=True)
+        return load_adapter_config(config_path, adapter_config_path, self.api_token)
+
+    # -- SOPPU specifics ----------------------------------------------------------------------
+    def resolve(self) -> Resolved:
+        """The version record for this adapter (checks the token; cached briefly per process)."""
+        if self._resolved is None:
+            self._resolved = resolve(self.ref, self.registry_url, self.api_token)
+        return self._resolved
+
+    def local_dir(self) -> Path:
+        """The version dir this source serves (resolving ``latest`` through the registry)."""
+        version = self.ref.version if self.ref.version is not None else self.resolve().version
+        if self.ref.version is not None:
+            self.resolve()  # a pinned version still needs a token the registry accepts
+        return self.cache.version_dir(self.ref.owner, self.ref.name, version)
+
+    def _materialize(self) -> Path:
+        local, stats = materialize(self.ref, token=self.api_token, url=self.registry_url, cache=self.cache,
+                                   resolved=self.resolve())
+        self.last_stats = stats
+        return local
+
+    def provenance(self) -> dict[str, Any]:
+        """soppu_source.json of the materialized version (registry, key id, statement digest, files)."""
+        return json.loads((self.local_dir() / "soppu_source.json").read_text(encoding="utf-8"))

@@ -1,0 +1,53 @@
+"""Shared plumbing of the `soppu` click commands: error reporting, JSON output, progress bars."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from .errors import SoppuError
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+
+
+@contextmanager
+def reporting(as_json: bool) -> Iterator[None]:
+    """Turn a SoppuError into its message and exit code; never a traceback for user mistakes."""
+    try:
+        yield
+    except SoppuError as exc:
+        if as_json:
+            err = {"type": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code}
+            click.echo(json.dumps({"ok": False, "error": err}, indent=2))
+        else:
+            click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+def emit(as_json: bool, payload: dict[str, Any], text: str) -> None:
+    """One JSON object (``{"ok": true, ...}``) with --json, else the human text."""
+    click.echo(json.dumps({"ok": True, **payload}, indent=2, default=_jsonable) if as_json else text)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "__fspath__"):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def progress(desc: str, quiet: bool = False):
+    """A tqdm wrapper factory on stderr, shown only on a terminal."""
+    from tqdm import tqdm
+
+    def wrap(items):
+        return tqdm(items, desc=desc, unit="module" if "module" in desc else "it", disable=True if quiet else None,
+                    file=sys.stderr, leave=False)
+
+    return wrap

@@ -1,0 +1,201 @@
+"""Helpers for the registry tests: tiny hand-written bundles and real `soppu-registry serve` processes.
+
+Bundles follow TEAM_NOTES "Bundle format v1" and are written with the safetensors library (not
+with soppu_client.bundle). Servers are subprocesses on 127.0.0.1 with a free port, real SQLite and
+real files; owners, keys and tokens are created directly on the data dir, as the admin CLI does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+from safetensors.numpy import save_file
+
+from lorax_adapter_source.registry.auth import issue_token
+from lorax_adapter_source.registry.storage import Storage
+from soppu_client import signing
+
+BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MODULES = {"model.layers.0.self_attn.q_proj": (6, 5), "model.layers.0.self_attn.v_proj": (3, 5)}
+RANK = 2
+MAX_BLOB = 1 << 20
+FUTURE = "2099-01-01T00:00:00Z"
+REGISTRY_BIN = Path(sys.executable).with_name("soppu-registry")
+_names = itertools.count()
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    data = path.read_bytes()
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def make_bundle(root: Path, adapters: tuple[str, ...] = ("alpha", "beta"), *, seed: int | None = None,
+                method: str = "full", rank: int = RANK) -> Path:
+    """Write a tiny valid bundle (unsigned) and return its directory; no seed: unique bytes."""
+    rng = np.random.default_rng(seed if seed is not None else 1_000_000 + next(_names))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "cores").mkdir(exist_ok=True)
+    basis = {}
+    for mod, (d_out, d_in) in MODULES.items():
+        basis[f"{mod}.U"] = rng.standard_normal((d_out, rank)).astype(np.float32)
+        basis[f"{mod}.V"] = rng.standard_normal((d_in, rank)).astype(np.float32)
+    save_file(basis, str(root / "basis.safetensors"))
+    for a in adapters:
+        shape = (rank, rank) if method == "full" else (rank,)
+        save_file({f"{mod}.S": rng.standard_normal(shape).astype(np.float32) for mod in MODULES},
+                  str(root / "cores" / f"{a}.safetensors"))
+    files = {}
+    for rel in ["basis.safetensors", *(f"cores/{a}.safetensors" for a in adapters)]:
+        digest, size = sha256_file(root / rel)
+        files[rel] = {"sha256": digest, "size": size}
+    manifest = {
+        "format": "soppu-bundle/1", "base_model": BASE_MODEL, "method": method, "rank": rank,
+        "dtype": "float32", "clusters": 1,
+        "peft": {"target_modules": ["q_proj", "v_proj"], "fan_in_fan_out": False, "task_type": "CAUSAL_LM"},
+        "modules": {m: {"shape": list(s)} for m, s in MODULES.items()},
+        "adapters": {a: {"core": f"cores/{a}.safetensors", "cluster": 0, "source_rank": 8, "alpha": 16.0}
+                     for a in adapters},
+        "files": files, "fit": {}, "metrics": {},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return root
+
+
+@dataclass
+class Owner:
+    """An owner registered on a test registry, with its key and one token per scope."""
+
+    name: str
+    key_path: Path
+    write_token: str
+    read_token: str
+
+    @property
+    def key(self) -> Any:
+        return signing.load_private_key(self.key_path)
+
+    def bundle(self, root: Path, version: int = 1, *, adapters: tuple[str, ...] = ("alpha", "beta"),
+               seed: int | None = None, expires: str = FUTURE, key: Any = None) -> Path:
+        """A bundle signed for this owner (by ``key``, default its registered key)."""
+        make_bundle(root, adapters, seed=seed)
+        signing.sign_bundle(root, key or self.key, self.name, version, expires)
+        return root
+
+
+class Server:
+    """A `soppu-registry serve` subprocess on a free loopback port."""
+
+    def __init__(self, data: Path, *args: str):
+        self.data, self.args = data, args
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> Server:
+        log = open(self.data.parent / f"server-{self.port}.log", "ab")
+        self.proc = subprocess.Popen([str(REGISTRY_BIN), "serve", "--data", str(self.data), "--port", str(self.port),
+                                      *self.args], stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"registry exited with {self.proc.returncode}; see {log.name}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError("registry did not start in time")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handlers, no flushing."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Registry:
+    """A running server plus direct admin access to its data dir."""
+
+    def __init__(self, server: Server, tmp: Path):
+        self.server, self.url, self.tmp = server, server.url, tmp
+        self.store = Storage(server.data)
+        _, self.serving_token = issue_token(self.store, None, ["serving-read"], "tests")
+
+    def new_owner(self, prefix: str = "o") -> Owner:
+        return new_owner(self.store, f"{prefix}{next(_names)}-{os.getpid()}", self.tmp / "keys")
+
+    def tmpdir(self, label: str) -> Path:
+        return self.tmp / f"{label}-{next(_names)}"
+
+
+def new_owner(store: Storage, name: str, key_dir: Path) -> Owner:
+    """Create an owner with a fresh registered key and an owner-write and an owner-read token."""
+    store.create_owner(name)
+    key_dir.mkdir(parents=True, exist_ok=True)
+    key_path, pub_path = signing.generate_keypair(key_dir / name)
+    pub = signing.load_public_key(pub_path)
+    store.add_key(name, signing.public_key_id(pub), _b64(pub))
+    _, write = issue_token(store, name, ["owner-write"])
+    _, read = issue_token(store, name, ["owner-read"])
+    return Owner(name, key_path, write, read)
+
+
+def _b64(pub: Any) -> str:
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    return base64.b64encode(pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def auth(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def put_blob(url: str, token: str | None, data: bytes, digest: str | None = None, **headers: str) -> requests.Response:
+    digest = digest or hashlib.sha256(data).hexdigest()
+    return requests.put(f"{url}/v1/blobs/sha256:{digest}", data=data, headers={**auth(token), **headers}, timeout=30)
+
+
+def upload_blobs(url: str, token: str, bundle: Path) -> None:
+    """PUT every file of the bundle's statement (as the client would)."""
+    for f in signing.read_signature(bundle)["statement"]["files"]:
+        r = put_blob(url, token, (bundle / f["path"]).read_bytes(), f["sha256"])
+        assert r.status_code in (200, 201), r.text
+
+
+def publish(url: str, token: str | None, owner: str, name: str, version: int, doc: dict[str, Any]) -> requests.Response:
+    return requests.put(f"{url}/v1/adapters/{owner}/{name}/versions/{version}", json={"signature": doc},
+                        headers=auth(token), timeout=30)
+
+
+def error_code(r: requests.Response) -> str:
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    return body["error"]["code"]

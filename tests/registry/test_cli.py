@@ -1,0 +1,91 @@
+"""The admin CLI (`soppu-registry`, as subprocesses) and `soppu upload` / `rotate-key-proof` (click)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import requests
+from click.testing import CliRunner
+from regkit import REGISTRY_BIN, Owner, Registry, auth, free_port, make_bundle
+
+from soppu_client import signing
+from soppu_client.cli_upload import rotate_key_proof, upload
+
+
+def admin(registry: Registry, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(REGISTRY_BIN), args[0], "--data", str(registry.server.data), *args[1:]],
+                          capture_output=True, text=True, timeout=60)
+
+
+def run_upload(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    r = CliRunner().invoke(upload, list(args), env=env)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_admin_flow_upload_rotate_revoke(registry: Registry, tmp_path: Path) -> None:
+    assert admin(registry, "create-owner", "carol").returncode == 0
+    k1, k1pub = signing.generate_keypair(tmp_path / "k1")
+    k2, k2pub = signing.generate_keypair(tmp_path / "k2")
+    r = admin(registry, "register-key", "--owner", "carol", "--public-key", str(k1pub))
+    assert r.returncode == 0 and signing.public_key_id(k1pub) in r.stdout
+    r = admin(registry, "register-key", "--owner", "carol", "--public-key", str(k2pub))
+    assert r.returncode == 1 and "use rotate-key" in r.stderr
+    r = admin(registry, "issue-token", "--owner", "carol", "--scope", "owner-write", "--json")
+    token, token_id = json.loads(r.stdout)["token"], json.loads(r.stdout)["token_id"]
+    assert token not in admin(registry, "list-tokens").stdout  # shown once, stored hashed
+
+    b1 = make_bundle(tmp_path / "b1", ("alpha",))
+    signing.sign_bundle(b1, signing.load_private_key(k1), "carol", 1, "2099-01-01T00:00:00Z")
+    code, out, err = run_upload(str(b1), "--registry", registry.url, env={"SOPPU_TOKEN": token})
+    assert (code, out) == (0, "published carol/alpha@1 (created)\n")
+
+    # Rotation: a proof signed by the new key itself is refused; one signed by the old key works.
+    bad = tmp_path / "bad.json"
+    assert CliRunner().invoke(rotate_key_proof, ["--owner", "carol", "--key", str(k2), "--new-public-key",
+                                                 str(k2pub), "--out", str(bad)]).exit_code == 0
+    r = admin(registry, "rotate-key", "--owner", "carol", "--new-public-key", str(k2pub), "--proof", str(bad))
+    assert r.returncode == 1 and "not an active key of owner 'carol'" in r.stderr
+    proof = tmp_path / "proof.json"
+    res = CliRunner().invoke(rotate_key_proof, ["--owner", "carol", "--key", str(k1), "--new-public-key",
+                                                str(k2pub), "--out", str(proof), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["new_key_id"] == signing.public_key_id(k2pub)
+    r = admin(registry, "rotate-key", "--owner", "carol", "--new-public-key", str(k2pub), "--proof", str(proof))
+    assert r.returncode == 0, r.stderr
+    keys = requests.get(f"{registry.url}/v1/keys/carol", headers=auth(token)).json()["keys"]
+    assert [(k["key_id"], k["status"]) for k in keys] == [(signing.public_key_id(k1pub), "rotated"),
+                                                          (signing.public_key_id(k2pub), "active")]
+
+    b2 = make_bundle(tmp_path / "b2", ("alpha",))
+    signing.sign_bundle(b2, signing.load_private_key(k1), "carol", 2, "2099-01-01T00:00:00Z")
+    code, out, err = run_upload(str(b2), "--registry", registry.url, "--token", token, "--json")
+    assert code == 1 and json.loads(out)["ok"] is False and json.loads(out)["error"]["code"] == "rotated_key"
+    signing.sign_bundle(b2, signing.load_private_key(k2), "carol", 2, "2099-01-01T00:00:00Z")
+    code, out, err = run_upload(str(b2), "--registry", registry.url, "--token", token, "--json")
+    assert code == 0 and json.loads(out)["adapters"] == {"alpha": "created"}
+    assert json.loads(out)["skipped"] == ["basis.safetensors", "cores/alpha.safetensors", "manifest.json"]
+
+    assert admin(registry, "revoke-token", token_id).returncode == 0
+    code, out, err = run_upload(str(b2), "--registry", registry.url, "--token", token)
+    assert code == 1 and out == "" and "HTTP 401 unauthorized" in err
+
+
+def test_upload_cli_never_prints_success_on_failure(registry: Registry, owner: Owner) -> None:
+    bundle = owner.bundle(registry.tmpdir("b"), 1)
+    core = bundle / "cores" / "beta.safetensors"
+    core.write_bytes(core.read_bytes()[:-1] + b"\x01")
+    code, out, err = run_upload(str(bundle), "--registry", registry.url, "--token", owner.write_token)
+    assert code == 1 and "published" not in out + err and "cores/beta.safetensors" in err
+    code, out, err = run_upload(str(bundle), "--registry", registry.url, "--token", owner.write_token, "--json")
+    assert code == 1 and json.loads(out)["ok"] is False and json.loads(out)["error"]["type"] == "SignatureError"
+    assert requests.get(f"{registry.url}/v1/adapters/{owner.name}/beta", headers=auth(owner.read_token)).status_code == 404
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    fresh = owner.bundle(registry.tmpdir("b"), 1)
+    code, out, err = run_upload(str(fresh), "--registry", dead, "--token", owner.write_token, "--retries", "0")
+    assert code == 1 and out == "" and "cannot reach the registry" in err
+    code, out, err = run_upload(str(fresh), "--registry", registry.url, "--token", "soppu_00_nope")
+    assert code == 1 and out == "" and "HTTP 401" in err
+    code, out, err = run_upload(str(fresh), "--registry", registry.url, "--token", owner.read_token)
+    assert code == 1 and out == "" and "HTTP 403 forbidden" in err
