@@ -15,7 +15,7 @@ Prints one JSON object: config, machine, per-configuration times (median of repe
 warm-up, milliseconds) and ratios to "base+1lora" and to "uncompressed" (the fastest
 uncompressed N-adapter path measured in the same run). Never asserts a time.
 
-On CPU only the reference paths run; ``--quick`` shrinks sizes so it finishes in under a minute.
+On CPU only the pure-torch paths run (reference gather, torchgemm); ``--quick`` shrinks sizes so it finishes in under a minute.
 
     .venv/bin/python benchmarks/serve.py --quick
     .venv/bin/python benchmarks/serve.py                # on a GPU machine: the full grid
@@ -253,8 +253,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "results": results,
         "notes": [
             "ratio_to_uncompressed divides by the fastest uncompressed N-adapter path of the same row",
-            "CPU runs time only the pure-torch reference paths: they show the algorithmic cost, "
-            "not kernel speed; real timings need a GPU",
+            "CPU runs time only pure-torch paths (reference, torchgemm): they show the algorithmic "
+            "cost, not kernel speed; real timings need a GPU. On a shared machine compare min_ms too",
         ],
     }
 

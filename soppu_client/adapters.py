@@ -247,10 +247,11 @@ def load_collection(
             )
             continue
         seen[name] = path
+        before = len(problems)
         info = _inspect_adapter(name, path, problems)
-        if info is not None:
-            if check_values:
-                _check_values(info, problems)
+        if info is not None and check_values and len(problems) == before:
+            _check_values(info, problems)
+        if info is not None and len(problems) == before:  # cross-checks only between sound adapters
             infos.append(info)
 
     if infos:

@@ -178,7 +178,7 @@ def verify_outputs(
             lp_comp, gen_comp = _logprobs_and_greedy(peft_model, batch, tokenizer, max_new_tokens)
             with peft_model.disable_adapter():
                 _, gen_base = _logprobs_and_greedy(peft_model, batch, tokenizer, max_new_tokens)
-            kl = (lp_orig.exp() * (lp_orig - lp_comp)).sum(-1)[mask]
+            kl = (lp_orig.exp() * (lp_orig - lp_comp)).sum(-1)[mask].clamp_min(0.0)
             top1 = (lp_orig.argmax(-1) == lp_comp.argmax(-1))[mask].float()
             answers = [it.get("answer") for it in items]
             has_answers = all(isinstance(a, str) for a in answers)

@@ -1,0 +1,80 @@
+"""The `soppu` compress / verify / inspect / export commands, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SOPPU = [sys.executable, "-m", "soppu_client.cli"]
+
+
+def run(*args, check_rc: int | None = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*SOPPU, *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def cli_bundle(peft_adapters, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "bundle"
+    proc = run("compress", *peft_adapters, "-o", out, "--rank", 8, "--json")
+    payload = json.loads(proc.stdout)
+    assert payload["ok"] and payload["bundle"] == str(out)
+    assert set(payload["metrics"]["summary"]["adapters"]) == {"alpha", "beta", "gamma"}
+    return out
+
+
+def test_compress_text_output(peft_adapters, tmp_path):
+    proc = run("compress", *peft_adapters[:2], "-o", tmp_path / "b", "--rank", 4, "--method", "diag")
+    assert "compression ratio" in proc.stdout and "alpha" in proc.stdout and "svd bound" in proc.stdout
+    assert "unsquared relative Frobenius" in proc.stdout
+
+
+def test_inspect_and_export(cli_bundle, tmp_path):
+    info = json.loads(run("inspect", cli_bundle, "--json").stdout)
+    assert info["manifest"]["rank"] == 8 and info["signed"] is False
+    text = run("inspect", cli_bundle).stdout
+    assert "method      full, k=8" in text
+    out = tmp_path / "exp"
+    assert json.loads(run("export", cli_bundle, "gamma", "-o", out, "--json").stdout)["output"] == str(out)
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_verify_weights_and_max_error(cli_bundle, peft_adapters, tmp_path):
+    payload = json.loads(run("verify", cli_bundle, "--adapters", *peft_adapters, "--json", "--plot", tmp_path / "e.png").stdout)
+    errors = {n: a["error"] for n, a in payload["weights"]["adapters"].items()}
+    assert all(0 < e < 1 for e in errors.values())
+    assert (tmp_path / "e.png").stat().st_size > 10_000
+    worst = max(errors.values())
+    run("verify", cli_bundle, "--adapters", *peft_adapters, "--max-error", worst + 1e-3)
+    proc = run("verify", cli_bundle, "--adapters", *peft_adapters, "--max-error", worst / 2, check_rc=1)
+    assert "exceed --max-error" in proc.stderr
+
+
+def test_bad_input_exits_2_with_a_message(tmp_path, peft_adapters):
+    proc = run("compress", peft_adapters[0], tmp_path / "nope", "-o", tmp_path / "b", check_rc=2)
+    assert proc.stderr.startswith("error: 1 problem with the input adapters:")
+    assert "adapter `nope`" in proc.stderr
+    assert not (tmp_path / "b").exists()
+    proc = run("inspect", tmp_path, check_rc=2)
+    assert proc.stderr.strip() == f"error: {tmp_path} is not a SOPPU bundle: manifest.json is missing"
+
+
+@pytest.mark.slow
+def test_verify_outputs_on_real_model(cli_bundle, peft_adapters, tmp_path):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["Reverse the word: garden", {"prompt": "What is 2+3?", "answer": "5"}]))
+    payload = json.loads(
+        run("verify", cli_bundle, "--adapters", *peft_adapters, "--base-model", "smollm2", "--prompts", prompts,
+            "--max-new-tokens", 6, "--json").stdout
+    )
+    checks = {c["adapter"]: c for c in payload["outputs"]}
+    assert set(checks) == {"alpha", "beta", "gamma"}
+    for c in checks.values():
+        assert c["prompts"] == 2 and c["mean_kl"] >= 0 and 0 <= c["top1_agreement"] <= 1

@@ -1,0 +1,59 @@
+"""Fixtures for compressed mode: two small bundles on SmolLM2-135M's shapes (layers 0-1, q_proj/v_proj),
+three adapters materialized as compressed dirs (two share a basis) and exported to PEFT."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "lorax_source"))
+sys.path.insert(0, str(REPO / "tests" / "lorax"))
+
+N_LAYERS = 2
+MODULES = [f"model.layers.{i}.self_attn.{t}" for i in range(N_LAYERS) for t in ("q_proj", "v_proj")]
+
+
+@pytest.fixture(scope="session")
+def compressed(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    import srckit
+
+    from lorax_adapter_source.lorax_compressed import materialize_compressed
+    from soppu_client.bundle import export_peft
+    from soppu_client.compress import CompressConfig
+    from soppu_client.compressor import compress_adapters
+
+    tmp = tmp_path_factory.mktemp("compressed")
+    a = [srckit.write_adapter(tmp / "src" / f"a{i}", seed=20 + i, rank=4) for i in range(2)]
+    b = [srckit.write_adapter(tmp / "src" / f"b{i}", seed=40 + i, rank=4) for i in range(2)]
+    compress_adapters(a, tmp / "bundle_full", CompressConfig(rank=8, method="full", max_iter=30), names=["a0", "a1"])
+    compress_adapters(b, tmp / "bundle_diag", CompressConfig(rank=6, method="diag", max_iter=30), names=["b0", "b1"])
+    out = {"tmp": tmp, "bundles": {"a0": tmp / "bundle_full", "a1": tmp / "bundle_full", "b0": tmp / "bundle_diag"},
+           "dirs": {}, "peft": {}}
+    for name, bundle in out["bundles"].items():
+        out["dirs"][name] = materialize_compressed(bundle, name, tmp / "compressed" / name)
+        out["peft"][name] = export_peft(bundle, name, tmp / "peft" / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def peft_model(compressed):
+    """SmolLM2 with the three exported adapters loaded under their names (PEFT)."""
+    from peft import PeftModel
+
+    from soppu_client.base_model import load_base_model
+
+    base, _tok = load_base_model()
+    names = list(compressed["peft"])
+    model = PeftModel.from_pretrained(base, str(compressed["peft"][names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(compressed["peft"][name]), adapter_name=name)
+    model.eval()
+    return model
+
+
+def peft_layer(model, module: str):
+    i, t = int(module.split(".")[2]), module.split(".")[-1]
+    return getattr(model.base_model.model.model.layers[i].self_attn, t)

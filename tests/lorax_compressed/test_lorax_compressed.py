@@ -1,0 +1,97 @@
+"""Compressed mode inside LoRAX's own layer code (patched checkout, LORAX_PYTHON, CPU).
+
+A prefill batch of base-model tokens and tokens of three compressed adapters (two sharing a basis,
+one full and one diag bundle) goes through the patched forward_layer_type; each token's output must
+equal PEFT on the adapter exported from the same bundle, and the reference op."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MODULES, N_LAYERS, REPO, peft_layer
+from safetensors.torch import load_file, save_file
+
+from lorax_adapter_source import lorax_compressed as lc
+
+pytestmark = pytest.mark.lorax
+
+_spec = importlib.util.spec_from_file_location("lorax_fixtures", REPO / "tests" / "lorax" / "conftest.py")
+lx = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lx)
+
+NAMES = ["a0", "a1", "b0"]
+TOKEN_ADAPTER = [0, 0, 0, -1, -1, 1, 1, 2, 2, 2, -1]  # prefill: contiguous per request
+
+
+@pytest.fixture(scope="module")
+def patched(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    src, python = lx.lorax_src(), lx.lorax_python()
+    dest = lx.copy_lorax(src, tmp_path_factory.mktemp("lorax-c") / "lorax")
+    proc = lx.apply_series(dest)
+    assert proc.returncode == 0, proc.stderr
+    assert "0006-layers-soppu-compressed-forward.patch: applied" in proc.stdout
+    lx.generate_stubs(python, dest)
+    return dest
+
+
+def test_lorax_forward_layer_type_serves_compressed_adapters(patched, compressed, peft_model, tmp_path) -> None:
+    torch.manual_seed(3)
+    x = torch.randn(len(TOKEN_ADAPTER), 576)
+    inputs = {"x": x}
+    for module in MODULES:
+        i, t = int(module.split(".")[2]), module.split(".")[-1]
+        inputs[f"{i}.{t}.weight"] = peft_layer(peft_model, module).base_layer.weight.detach().float().contiguous()
+    save_file(inputs, str(tmp_path / "in.safetensors"))
+    model_id = lc.read_compressed_config(compressed["dirs"]["a0"])["base_model_name_or_path"]
+    args = {"adapters": [str(compressed["dirs"][n]) for n in NAMES], "model_id": model_id, "n_layers": N_LAYERS,
+            "token_adapter": TOKEN_ADAPTER, "inputs": str(tmp_path / "in.safetensors"),
+            "out": str(tmp_path / "out.safetensors")}
+    env = {**os.environ, "DISABLE_SGMV": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(patched / "server"), str(REPO), str(REPO / "kernels")])}
+    proc = subprocess.run([lx.lorax_python(), str(Path(__file__).with_name("lorax_compressed_side.py")),
+                           json.dumps(args)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    cfg = {n: lc.read_compressed_config(compressed["dirs"][n]) for n in NAMES}
+    assert report["types"] == ["SoppuCompressedConfig"] * 3
+    assert report["unused"] == [[], [], []]
+    # bytes moved: a0 brings its basis; a1 shares it (resident): cores only; b0 brings another basis
+    assert report["bytes"] == [cfg["a0"]["cores"]["size"] + cfg["a0"]["basis"]["size"], cfg["a1"]["cores"]["size"],
+                               cfg["b0"]["cores"]["size"] + cfg["b0"]["basis"]["size"]]
+    assert report["registry_loads"] == 4  # 2 bases x 2 layer types, each created once
+    assert report["shared_basis"] == {"q_proj": [True, True, False], "v_proj": [True, True, False]}
+    # cores only per adapter: [n_layers, k, k] (full) / [n_layers, k] (diag) in float32
+    assert report["core_bytes"] == [N_LAYERS * 8 * 8 * 4, N_LAYERS * 8 * 8 * 4, N_LAYERS * 6 * 4]
+    assert report["resident_bytes"] == 4 * N_LAYERS * ((576 + 576) + (192 + 576)) * (8 + 6)
+    assert report["batch_types"] == {"q_proj": ["soppu"], "v_proj": ["soppu"]}
+    assert report["groups"] == {"q_proj": 2, "v_proj": 2}
+
+    got_all = load_file(str(tmp_path / "out.safetensors"))
+    idx = torch.tensor(TOKEN_ADAPTER)
+    loaded = {n: lc.load_compressed(compressed["dirs"][n]) for n in NAMES}
+    for module in MODULES:
+        i, t = int(module.split(".")[2]), module.split(".")[-1]
+        got = got_all[f"{i}.{t}"]
+        layer = peft_layer(peft_model, module)
+        with torch.no_grad():
+            base_y = layer.base_layer(x)
+            for j, n in enumerate(NAMES):
+                rows = idx == j
+                peft_model.set_adapter(n)
+                want = layer(x[rows])
+                assert (want - base_y[rows]).abs().max() > 1e-3  # the adapter changes this layer
+                torch.testing.assert_close(got[rows], want, rtol=1e-5, atol=1e-5)
+                # and the reference op on this adapter's tokens alone
+                c, basis, cores = loaded[n]
+                ref = lc.apply_compressed(base_y[rows].clone(), x[rows], basis[f"{module}.U"], basis[f"{module}.V"],
+                                          cores[f"{module}.S"][None], torch.zeros(int(rows.sum()), dtype=torch.long),
+                                          diag=c["method"] == "diag", backend="reference")
+                torch.testing.assert_close(got[rows], ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[idx < 0], base_y[idx < 0], rtol=1e-6, atol=1e-6)
