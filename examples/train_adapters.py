@@ -173,7 +173,7 @@ TASKS: dict[str, Generator] = {
     "add_numbers": task_add_numbers,
 }
 # Tasks that need more optimizer steps than DEFAULT_STEPS to be learned (used unless --steps).
-TASK_STEPS: dict[str, int] = {}
+TASK_STEPS: dict[str, int] = {"uppercase": 48}
 DEFAULT_TASKS = (
     "uppercase,reverse_words,date_format,initials,first_name,snake_case,repeat_word,last_word"
 )

@@ -172,6 +172,9 @@ def resolve(ref: AdapterRef, url: str, token: str | None, *, ttl: float | None =
                             code="bad_record") from None
     resolved = Resolved(ref, version, sig, record)
     with _resolve_lock:
+        if len(_resolve_cache) >= 4096:  # bounded: drop what has expired, else everything
+            for k in [k for k, (t, _) in _resolve_cache.items() if now - t >= ttl] or list(_resolve_cache):
+                del _resolve_cache[k]
         _resolve_cache[key] = (now, resolved)
     return resolved
 

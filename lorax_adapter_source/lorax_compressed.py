@@ -466,7 +466,7 @@ def _build_lorax_types() -> SimpleNamespace:  # noqa: C901 - the three classes b
             by_basis: dict[int, list] = {}
             for i in sorted(ours):
                 by_basis.setdefault(id(ours[i].basis), []).append(i)
-            lut_size = max(max(ours), int(indices.max().item()) if indices.numel() else 0) + 1
+            lut_size = max(max(ours), max(meta.adapter_set)) + 1  # from the host-side set: no device sync
             groups = []
             for members in by_basis.values():
                 first = ours[members[0]]

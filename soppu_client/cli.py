@@ -190,22 +190,16 @@ def export(bundle_dir, name, out, dtype, force, as_json) -> None:
         emit(as_json, {"adapter": name, "output": str(path)}, f"exported `{name}` to {path}")
 
 
-def _register_optional_commands() -> None:
-    """Commands defined beside the core ones (signing, upload, generate)."""
-    from . import cli_signing
+def _register_commands() -> None:
+    """Commands defined beside the core ones: signing, upload, generate."""
+    from . import cli_generate, cli_signing, cli_upload
 
-    for command in cli_signing.COMMANDS:
-        cli.add_command(command)
-    try:
-        from . import cli_upload
-    except ImportError:  # pragma: no cover - during development only
-        cli_upload = None
-    if cli_upload is not None:
-        for command in cli_upload.COMMANDS:
+    for module in (cli_signing, cli_upload, cli_generate):
+        for command in module.COMMANDS:
             cli.add_command(command)
 
 
-_register_optional_commands()
+_register_commands()
 
 
 def main() -> None:

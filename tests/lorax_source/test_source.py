@@ -144,3 +144,26 @@ def test_tampered_signature_is_refused_and_nothing_is_cached(published, source_e
     with pytest.raises(SignatureError, match=r"soppu adapter alice/ts0@1: bad signature: signature does not verify"):
         SoppuModelSource(f"{reg.owner}/ts0", api_token=reg.serving_token).download_model_assets()
     assert srckit.cache_files(source_env) == []
+
+
+def test_latest_follows_new_versions_and_pins_stay(published, source_env: Path) -> None:
+    reg = published.registry
+    tmp = published.tmp / "versions"
+    ads = [srckit.write_adapter(tmp / "nv0", seed=300)]
+    bundle = srckit.compress(ads, tmp / "bundle", rank=4)
+    reg.publish(bundle, version=1)
+    first = SoppuModelSource(f"{reg.owner}/nv0", api_token=reg.serving_token)
+    assert first.download_model_assets()[0].parent.name == "v1"
+    reg.publish(bundle, version=2)  # same content, re-signed as version 2
+    from lorax_adapter_source._materialize import forget_resolutions
+
+    forget_resolutions()
+    latest = SoppuModelSource(f"{reg.owner}/nv0", api_token=reg.serving_token)
+    with pytest.raises(FileNotFoundError):  # v2 is not here yet: LoRAX will call download_model_assets
+        latest.weight_files()
+    assert latest.download_model_assets()[0].parent.name == "v2"
+    assert get_soppu_local_dir(f"{reg.owner}/nv0").resolve().name == "v2"
+    pinned = SoppuModelSource(f"{reg.owner}/nv0@1", api_token=reg.serving_token)
+    assert pinned.weight_files() == [source_env / reg.owner / "nv0" / "v1" / "adapter_model.safetensors"]
+    # Version 2 reused every blob of version 1 (same files): nothing downloaded.
+    assert latest.last_stats.blobs_downloaded == []
