@@ -173,7 +173,7 @@ TASKS: dict[str, Generator] = {
     "add_numbers": task_add_numbers,
 }
 # Tasks that need more optimizer steps than DEFAULT_STEPS to be learned (used unless --steps).
-TASK_STEPS: dict[str, int] = {"uppercase": 48}
+TASK_STEPS: dict[str, int] = {}
 DEFAULT_TASKS = (
     "uppercase,reverse_words,date_format,initials,first_name,snake_case,repeat_word,last_word"
 )
@@ -368,6 +368,7 @@ def save_adapter(model, out_dir: Path) -> None:
     weights = out_dir / "adapter_model.safetensors"
     tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(weights).items()}
     save_file(tensors, weights, metadata={"format": "pt"})
+    weights.chmod(0o644)
     (out_dir / "README.md").unlink(missing_ok=True)
     cfg_path = out_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())

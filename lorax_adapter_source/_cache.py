@@ -16,7 +16,6 @@ processes or shards see either nothing or the complete dir.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import shutil
@@ -27,9 +26,11 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from soppu_client.fsutil import file_digest, fsync_dir
+
 MARKER = "soppu_source.json"
 LATEST = "latest"
-_CHUNK = 1 << 20
+
 
 
 def default_root() -> Path:
@@ -45,27 +46,6 @@ def default_root() -> Path:
             os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
         )
     return Path(hub) / "soppu"
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-            n += len(block)
-    return h.hexdigest(), n
 
 
 class Cache:
@@ -124,7 +104,7 @@ class Cache:
         path = self.blob_path(sha256)
         if not path.is_file():
             return None
-        digest, n = sha256_file(path)
+        digest, n = file_digest(path)
         if n == size and hmac.compare_digest(digest, sha256):
             return path
         path.unlink(missing_ok=True)  # corrupted on disk: drop it, it will be fetched again

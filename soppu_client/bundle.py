@@ -15,7 +15,6 @@ lora_alpha = k (scaling 1), the source adapters' target modules and layout flags
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import os
@@ -29,6 +28,7 @@ from safetensors.torch import save_file
 
 from .adapters import ADAPTER_NAME_RE
 from .errors import BundleError, InputError, VerificationError
+from .fsutil import file_digest, fsync_dir
 
 FORMAT = "soppu-bundle/1"
 MANIFEST = "manifest.json"
@@ -37,12 +37,8 @@ SIGNATURE = "signature.json"
 _PEFT_KEYS_KEPT = ("target_modules", "fan_in_fan_out", "task_type", "layers_to_transform", "layers_pattern")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: Path) -> str:
+    return file_digest(path)[0]
 
 
 def core_path(name: str) -> str:
@@ -59,24 +55,13 @@ def canonical_dumps(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for p in sorted(root.rglob("*")):
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
     for d in [root, *sorted(x for x in root.rglob("*") if x.is_dir())]:
-        _fsync_dir(d)
+        fsync_dir(d)
 
 
 def publish_dir(tmp: Path, out: Path, *, force: bool) -> None:
@@ -91,7 +76,7 @@ def publish_dir(tmp: Path, out: Path, *, force: bool) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
 
 
 class BundleBuilder:

@@ -26,7 +26,6 @@ import hmac
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -37,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from soppu_client.errors import BundleError, InputError, SignatureError
+from soppu_client.fsutil import atomic_write, file_digest  # noqa: F401  (re-exported)
 
 __all__ = [
     "STATEMENT_FORMAT", "SIGNATURE_FILE", "MANIFEST_FILE", "NAME_PATTERN",
@@ -58,55 +58,9 @@ _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _STATEMENT_KEYS = frozenset({"format", "owner", "adapters", "version", "base_model", "expires_at", "files"})
 _DOC_KEYS = frozenset({"statement", "signature", "key_id", "public_key"})
-_READ_CHUNK = 1 << 20
 
 
 # --------------------------------------------------------------------------- files
-
-
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same dir (fsynced, chmod ``mode``,
-    renamed over ``path``); on any failure nothing is left behind and ``path`` is unchanged."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def file_digest(path: Path) -> tuple[str, int]:
-    """Return (sha256 hex, size in bytes) of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_READ_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
 
 
 # --------------------------------------------------------------------------- keys

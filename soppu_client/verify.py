@@ -148,7 +148,6 @@ def verify_outputs(
     progress: Callable | None = None,
 ) -> list[OutputCheck]:
     """Compare each original adapter with its compressed export on the base model."""
-    import torch
     from peft import PeftModel
 
     from .base_model import load_base_model
@@ -231,7 +230,7 @@ def plot_errors(summary: dict, metrics: list[ModuleMetrics], names: list[str], p
         ax.set_xlabel("layer")
         ax.set_ylabel("relative error")
         ax.set_ylim(0, max(1e-3, float(errs.max()) * 1.1))
-        ax.legend(fontsize=6, ncol=4, loc="upper right")
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.005, 1.0))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from soppu_client.fsutil import fsync_dir
+
 DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -108,14 +110,6 @@ class BlobWriteResult:
     created: bool
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class BlobWriter:
     """Streams one upload into a temp file, hashing and counting as it goes.
 
@@ -164,7 +158,7 @@ class BlobWriter:
                 return BlobWriteResult(f"sha256:{self.hex}", self.size, False)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             return BlobWriteResult(f"sha256:{self.hex}", self.size, True)
         except BaseException:
             self.abort()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from lorax_adapter_source.source import SoppuModelSource  # imported before the 
 
 adapter_id, token, go_file = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 src = SoppuModelSource(adapter_id, api_token=token)
+Path(f"{go_file}.ready.{os.getpid()}").touch()
 deadline = time.monotonic() + 120
 while not go_file.exists():
     if time.monotonic() > deadline:

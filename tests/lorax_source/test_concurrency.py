@@ -20,7 +20,10 @@ def test_eight_processes_one_download(published, source_env: Path, tmp_path: Pat
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
     procs = [subprocess.Popen([sys.executable, str(WORKER), f"{reg.owner}/ad2", reg.serving_token, str(go)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(8)]
-    time.sleep(1.0)
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("go.ready.*"))) < len(procs):  # all imported: start them together
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a worker did not get ready"
+        time.sleep(0.05)
     go.touch()
     results = []
     for p in procs:
