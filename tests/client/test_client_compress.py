@@ -166,3 +166,26 @@ def test_config_errors_name_the_field(kwargs, message):
     with pytest.raises(InputError) as info:
         CompressConfig(**kwargs)
     assert str(info.value) == message
+
+
+def test_batched_module_metrics_equal_dense_per_adapter():
+    """module_metrics (batched, padded ranks, clusters, near-exact fallback) == dense numpy."""
+    from soppu_client.metrics import module_metrics
+
+    factors = _collection(8, n=5)
+    cluster_of = [0, 1, 0, 1, 1]
+    fits = [fit_module([f for f, c in zip(factors, cluster_of) if c == j], CompressConfig(rank=k, float64=True))
+            for j, k in ((0, 12), (1, 4))]  # cluster 0 is exact (k >= ranks), cluster 1 is not
+    k = 4
+    U = [np.pad(fits[0].U[0].numpy(), ((0, 0), (0, 0))), fits[1].U[0].numpy()]
+    V = [fits[0].V[0].numpy(), fits[1].V[0].numpy()]
+    per_cluster = {0: iter(fits[0].cores.numpy()), 1: iter(fits[1].cores.numpy())}
+    cores = [next(per_cluster[c]) for c in cluster_of]
+    m = module_metrics("m", factors, U, V, cores, cluster_of, k)
+    for i, ((A, B), c) in enumerate(zip(factors, cluster_of)):
+        dW = B @ A
+        dense = np.linalg.norm(dW - U[c] @ cores[i] @ V[c].T) / np.linalg.norm(dW)
+        assert abs(m.error[i] - dense) < 1e-6
+        s = scipy.linalg.svdvals(dW)
+        assert abs(m.lower_bound[i] - np.sqrt((s[k:] ** 2).sum() / (s**2).sum())) < 1e-9
+    assert m.error[0] < 1e-9 and m.error[1] > 0.01
