@@ -39,6 +39,8 @@ def cli() -> None:
               help="full: orthonormal bases, k x k cores (JD-Full). diag: free bases, diagonal cores (JD-Diag).")
 @click.option("--weighting", type=click.Choice(["equal", "norm"]), default="equal", show_default=True,
               help="equal: every adapter's relative error counts the same; norm: larger updates count more.")
+@click.option("--clusters", default=1, show_default=True, type=int,
+              help="Split the adapters into this many groups, each with its own bases (k-subspaces clustering).")
 @click.option("--float64", "float64", is_flag=True, help="Fit in float64 (slower, for ill-conditioned collections).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="Storage dtype of basis and cores in the bundle.")
@@ -47,7 +49,7 @@ def cli() -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the randomized initialisation.")
 @click.option("--force", is_flag=True, help="Replace an existing output bundle.")
 @json_option
-def compress(adapter_dirs, out, rank, method, weighting, float64, dtype, tol, max_iter, seed, force, as_json) -> None:
+def compress(adapter_dirs, out, rank, method, weighting, clusters, float64, dtype, tol, max_iter, seed, force, as_json) -> None:
     """Compress PEFT LoRA ADAPTER_DIRS (same base model and target modules) into a bundle.
 
     Adapter names in the bundle are the directory names. Every problem with the inputs is
@@ -59,12 +61,12 @@ def compress(adapter_dirs, out, rank, method, weighting, float64, dtype, tol, ma
 
     with reporting(as_json):
         config = CompressConfig(rank=rank, method=method, weighting=weighting, float64=float64, seed=seed,
-                                tol=tol, max_iter=max_iter, dtype=dtype)
+                                tol=tol, max_iter=max_iter, dtype=dtype, clusters=clusters)
         manifest = compress_adapters(list(adapter_dirs), out, config, force=force, progress=progress("compressing modules"))
         metrics = manifest["metrics"]
         text = "\n".join([
             f"wrote {out}: {len(manifest['adapters'])} adapters, {len(manifest['modules'])} modules, "
-            f"method {method}, k={rank}, {manifest['fit']['seconds']:.1f}s "
+            f"method {method}, k={rank}, clusters {manifest['clusters']}, {manifest['fit']['seconds']:.1f}s "
             f"(iterations mean {manifest['fit']['iterations_mean']:.1f}, max {manifest['fit']['iterations_max']})",
             "",
             weight_table(metrics["summary"]),

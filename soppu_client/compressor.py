@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .adapters import AdapterCollection, load_collection
 from .bundle import BundleBuilder, canonical_dumps, peft_fields
-from .compress import CompressConfig, iter_compressed_modules
+from .compress import CompressConfig, assign_clusters, iter_compressed_modules
 from .metrics import ModuleMetrics, module_metrics, parameter_counts, summarize
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,11 +36,13 @@ def compress_collection(
     started = time.perf_counter()
     names = collection.names
     storage = _TORCH_DTYPES[config.dtype]
-    builder = BundleBuilder(names, config.rank, config.diag, n_clusters=1, dtype=storage)
+    cluster_of = assign_clusters(collection, config.clusters, config.rank, seed=config.seed, weighting=config.weighting)
+    n_clusters = max(cluster_of) + 1
+    builder = BundleBuilder(names, config.rank, config.diag, n_clusters=n_clusters, dtype=storage)
     metrics: list[ModuleMetrics] = []
     iterations: list[int] = []
     converged = True
-    for module, factors, fit in iter_compressed_modules(collection, config, progress=progress):
+    for module, factors, fit in iter_compressed_modules(collection, config, cluster_of, progress=progress):
         builder.add_module(module, fit.U, fit.V, fit.cores)
         # metrics on what is stored (after rounding to the storage dtype)
         U = [u.to(storage).double().numpy() for u in fit.U]
@@ -51,7 +53,7 @@ def compress_collection(
         converged &= all(fit.converged)
     summary = summarize(metrics, names)
     ranks = [{m: info.modules[m][2] for m in collection.modules} for info in collection.adapters]
-    sizes = parameter_counts(collection.shapes, ranks, config.rank, 1, config.diag)
+    sizes = parameter_counts(collection.shapes, ranks, config.rank, n_clusters, config.diag)
     source_bytes = sum(info.weights_path.stat().st_size for info in collection.adapters)
     manifest = {
         "format": "soppu-bundle/1",
@@ -59,16 +61,16 @@ def compress_collection(
         "method": config.method,
         "rank": config.rank,
         "dtype": config.dtype,
-        "clusters": 1,
+        "clusters": n_clusters,
         "peft": peft_fields([info.config for info in collection.adapters]),
         "adapters": {
             info.name: {
                 "core": f"cores/{info.name}.safetensors",
-                "cluster": 0,
+                "cluster": cluster_of[i],
                 "source_rank": info.rank,
                 "alpha": info.alpha,
             }
-            for info in collection.adapters
+            for i, info in enumerate(collection.adapters)
         },
         "fit": {
             **config.to_json(),

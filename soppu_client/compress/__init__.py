@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from .cluster import assign_clusters
 from .jd_diag import fit_jd_diag
 from .jd_full import fit_jd_full
 from .project import project_cores
@@ -33,6 +34,7 @@ __all__ = [
     "FactorStack",
     "stack_factors",
     "fit_module",
+    "assign_clusters",
     "project_cores",
     "iter_compressed_modules",
 ]
@@ -50,6 +52,7 @@ class CompressConfig:
     tol: float = 1e-5
     max_iter: int = 200
     dtype: str = "float32"  # storage dtype of basis and cores in the bundle
+    clusters: int = 1  # adapter groups, each with its own bases (see cluster.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -64,6 +67,8 @@ class CompressConfig:
             raise InputError(f"`tol` should be a positive number, but the value passed is {self.tol!r}")
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise InputError(f"`max_iter` should be a positive integer, but the value passed is {self.max_iter!r}")
+        if not isinstance(self.clusters, int) or self.clusters < 1:
+            raise InputError(f"`clusters` should be a positive integer, but the value passed is {self.clusters!r}")
         if self.dtype not in STORAGE_DTYPES:
             raise InputError(
                 f"`dtype` should be one of {', '.join(STORAGE_DTYPES)}, but the value passed is {self.dtype!r}"
@@ -87,6 +92,7 @@ class CompressConfig:
             "tol": self.tol,
             "max_iter": self.max_iter,
             "dtype": self.dtype,
+            "clusters": self.clusters,
         }
 
 
