@@ -105,7 +105,9 @@ def module_metrics(
 
     Same identities as :func:`factored_sq_norm`, :func:`residual_sq_norm` and :func:`svd_tail_sq`,
     evaluated with one batched product per term (ranks zero-padded to the largest, which changes
-    no product); residuals below the Gram identity's trust level are recomputed one by one.
+    no product); residuals below the Gram identity's trust level are recomputed one by one. The
+    SVD tail comes from the r x r eigenproblem L.T (B.T B) L, A A.T = L L.T (accurate for tails
+    above ~1e-12 of ||dW||^2, i.e. lower bounds above ~1e-6).
     """
     import torch
 
@@ -118,7 +120,8 @@ def module_metrics(
         A[i, : a.shape[0]] = torch.from_numpy(np.asarray(a, dtype=np.float64))
         B[i, :, : b.shape[1]] = torch.from_numpy(np.asarray(b, dtype=np.float64))
     Bt = B.transpose(1, 2)
-    sq_norm = ((Bt @ B) * (A @ A.transpose(1, 2))).sum((1, 2))
+    BtB, AAt = Bt @ B, A @ A.transpose(1, 2)  # [N, r, r]
+    sq_norm = (BtB * AAt).sum((1, 2))
     sq_res = torch.empty(n, dtype=torch.float64)
     for c in sorted(set(cluster_of)):
         idx = torch.tensor([i for i, ci in enumerate(cluster_of) if ci == c])
@@ -136,10 +139,11 @@ def module_metrics(
     for i in np.flatnonzero(sq_res <= _GRAM_TRUST * sq_norm_np):  # cancellation regime: exact QR path
         c = cluster_of[i]
         sq_res[i] = residual_sq_norm(*factors[i], U[c], cores[i], V[c])
-    _, Rb = torch.linalg.qr(B)
-    _, Ra = torch.linalg.qr(A.transpose(1, 2))
-    sv = torch.linalg.svdvals(Rb @ Ra.transpose(1, 2))  # [N, r], descending
-    sq_low = (sv[:, k:] ** 2).sum(1)
+    # sigma_j^2 of B A are the eigenvalues of L.T (B.T B) L with A A.T = L L.T (all r x r)
+    lam, Q = torch.linalg.eigh(AAt)
+    L = Q * lam.clamp_min(0).sqrt().unsqueeze(1)
+    sigma_sq = torch.linalg.eigvalsh(L.transpose(1, 2) @ BtB @ L).flip(1).clamp_min(0)  # descending
+    sq_low = sigma_sq[:, k:].sum(1)
     return ModuleMetrics(module, sq_norm_np.copy(), np.maximum(sq_res, 0.0), sq_low.numpy())
 
 

@@ -15,7 +15,7 @@ from .stack import FactorStack
 _EXACT_LIMIT = 5e8  # flops below which a dense SVD of X is cheaper than randomized iterations
 
 
-def _leading_left_vectors(X: torch.Tensor, k: int, generator: torch.Generator, power_iters: int = 3) -> torch.Tensor:
+def _leading_left_vectors(X: torch.Tensor, k: int, generator: torch.Generator, power_iters: int = 2) -> torch.Tensor:
     """Orthonormal [m, k] basis of the k leading left singular vectors of X [m, n] (randomized if large)."""
     m, n = X.shape
     if m * n * min(m, n) <= _EXACT_LIMIT:
