@@ -173,7 +173,7 @@ TASKS: dict[str, Generator] = {
     "add_numbers": task_add_numbers,
 }
 # Tasks that need more optimizer steps than DEFAULT_STEPS to be learned (used unless --steps).
-TASK_STEPS: dict[str, int] = {}
+TASK_STEPS: dict[str, int] = {"uppercase": 64, "reverse_words": 48}
 DEFAULT_TASKS = (
     "uppercase,reverse_words,date_format,initials,first_name,snake_case,repeat_word,last_word"
 )
@@ -514,7 +514,8 @@ def write_readme(out: Path, reports: list[TaskReport], command: str) -> None:
     lines += [
         "",
         f"Total training time: {total_s:.0f} s on a 2-core CPU shared with other jobs "
-        "(torch threads = 2); timings vary with the load.",
+        "(torch threads = 2). Timings vary with the load: most steps here ran with 2-4 other "
+        "busy processes; on an idle machine a step takes about 1 s.",
         "",
         "Retrain (deterministic for a given seed on the same machine and library versions):",
         "",

@@ -50,6 +50,7 @@ class AdapterInfo:
     config: dict
     modules: dict[str, tuple[int, int, int]]  # module -> (d_out, d_in, rank)
     keys: dict[str, tuple[str, str]]  # module -> (lora_A key, lora_B key)
+    dtypes: frozenset[str] = frozenset()  # safetensors dtypes of the factors, e.g. {"BF16"}
 
     @property
     def base_model(self) -> str:
@@ -143,6 +144,7 @@ def _inspect_adapter(name: str, path: Path, problems: list[str]) -> AdapterInfo 
         return None
 
     factors: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    dtypes = frozenset(dtype for dtype, _ in header.values())
     for key, (dtype, shape) in header.items():
         if "lora_embedding_" in key or "lora_magnitude_vector" in key:
             problems.append(f"{where}: tensor `{key}` is not a plain LoRA linear factor (embedding LoRA / DoRA)")
@@ -172,7 +174,7 @@ def _inspect_adapter(name: str, path: Path, problems: list[str]) -> AdapterInfo 
         keys[module] = (ka, kb)
     if not modules and len(problems) == before:
         problems.append(f"{where}: {_WEIGHTS} holds no LoRA factors")
-    return AdapterInfo(name=name, path=path, config=config, modules=modules, keys=keys)
+    return AdapterInfo(name=name, path=path, config=config, modules=modules, keys=keys, dtypes=dtypes)
 
 
 @dataclass
@@ -193,6 +195,13 @@ class AdapterCollection:
     @property
     def base_model(self) -> str:
         return self.adapters[0].base_model
+
+    @property
+    def storage_dtype(self) -> str:
+        """The bundle dtype that loses nothing the inputs had: bfloat16/float16 when every adapter
+        stores that, else float32."""
+        found = set().union(*(a.dtypes for a in self.adapters))
+        return {frozenset({"BF16"}): "bfloat16", frozenset({"F16"}): "float16"}.get(frozenset(found), "float32")
 
     def module_factors(self, module: str, dtype=np.float32) -> list[tuple[np.ndarray, np.ndarray]]:
         """``[(A_i, s_i * B_i)]`` for ``module`` across all adapters, scaling folded into B."""

@@ -42,8 +42,8 @@ def cli() -> None:
 @click.option("--clusters", default=1, show_default=True, type=int,
               help="Split the adapters into this many groups, each with its own bases (k-subspaces clustering).")
 @click.option("--float64", "float64", is_flag=True, help="Fit in float64 (slower, for ill-conditioned collections).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
-              help="Storage dtype of basis and cores in the bundle.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+              help="Storage dtype of basis and cores; auto keeps the adapters' own (bf16 adapters -> bf16 bundle).")
 @click.option("--tol", default=1e-5, show_default=True, type=float, help="Convergence tolerance (relative objective change).")
 @click.option("--max-iter", default=200, show_default=True, type=int, help="Iteration cap per module.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the randomized initialisation.")

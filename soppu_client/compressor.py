@@ -35,7 +35,8 @@ def compress_collection(
     """Compress ``collection`` into the bundle ``out``; return the manifest (with metrics)."""
     started = time.perf_counter()
     names = collection.names
-    storage = _TORCH_DTYPES[config.dtype]
+    dtype_name = collection.storage_dtype if config.dtype == "auto" else config.dtype
+    storage = _TORCH_DTYPES[dtype_name]
     cluster_of = assign_clusters(collection, config.clusters, config.rank, seed=config.seed, weighting=config.weighting)
     n_clusters = max(cluster_of) + 1
     builder = BundleBuilder(names, config.rank, config.diag, n_clusters=n_clusters, dtype=storage)
@@ -60,7 +61,7 @@ def compress_collection(
         "base_model": collection.base_model,
         "method": config.method,
         "rank": config.rank,
-        "dtype": config.dtype,
+        "dtype": dtype_name,
         "clusters": n_clusters,
         "peft": peft_fields([info.config for info in collection.adapters]),
         "adapters": {

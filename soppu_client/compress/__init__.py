@@ -23,7 +23,7 @@ from .result import ModuleFit
 from .stack import WEIGHTINGS, FactorStack, stack_factors
 
 METHODS = ("full", "diag")
-STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+STORAGE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 __all__ = [
     "METHODS",
@@ -51,7 +51,7 @@ class CompressConfig:
     seed: int = 0
     tol: float = 1e-5
     max_iter: int = 200
-    dtype: str = "float32"  # storage dtype of basis and cores in the bundle
+    dtype: str = "auto"  # storage dtype of basis and cores; auto: the adapters' own (bf16 in, bf16 out)
     clusters: int = 1  # adapter groups, each with its own bases (see cluster.py)
 
     def __post_init__(self) -> None:

@@ -118,3 +118,24 @@ def test_diag_bundle_export_round_trip(peft_adapters, tmp_path):
         B = f.get_tensor(f"base_model.model.{m}.lora_B.weight")
         expected = fb.get_tensor(f"{m}.U") @ torch.diag(fc.get_tensor(f"{m}.S"))
         np.testing.assert_allclose(B.numpy(), expected.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_auto_dtype_keeps_bf16_inputs_bf16(peft_adapters, tmp_path):
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    dirs = []
+    for src in peft_adapters[:2]:
+        dst = tmp_path / "in" / src.name
+        shutil.copytree(src, dst)
+        tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(dst / "adapter_model.safetensors")).items()}
+        save_file(tensors, str(dst / "adapter_model.safetensors"))
+        dirs.append(dst)
+    m16 = compress_adapters(dirs, tmp_path / "auto", CompressConfig(rank=4))
+    m32 = compress_adapters(dirs, tmp_path / "f32", CompressConfig(rank=4, dtype="float32"))
+    assert m16["dtype"] == "bfloat16" and m32["dtype"] == "float32"
+    assert Bundle.open(tmp_path / "auto").load_basis()["model.layers.0.self_attn.q_proj.U"].dtype == torch.bfloat16
+    assert m32["metrics"]["sizes"]["tensor_bytes"] == 2 * m16["metrics"]["sizes"]["tensor_bytes"]
+    # rounding the bases to bf16 costs little next to the compression error itself
+    e16, e32 = m16["metrics"]["summary"]["mean_error"], m32["metrics"]["summary"]["mean_error"]
+    assert e32 > 0.05 and abs(e16 - e32) < 0.01
