@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import srckit
 import torch
-from conftest import REPO, lorax_python
+from loraxkit import REPO, lorax_python
 from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.lorax

@@ -8,12 +8,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "lorax_source"))
-sys.path.insert(0, str(REPO / "tests" / "lorax"))
-
-N_LAYERS = 2
-MODULES = [f"model.layers.{i}.self_attn.{t}" for i in range(N_LAYERS) for t in ("q_proj", "v_proj")]
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lorax_source"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lorax"))
 
 
 @pytest.fixture(scope="session")
@@ -52,8 +49,3 @@ def peft_model(compressed):
         model.load_adapter(str(compressed["peft"][name]), adapter_name=name)
     model.eval()
     return model
-
-
-def peft_layer(model, module: str):
-    i, t = int(module.split(".")[2]), module.split(".")[-1]
-    return getattr(model.base_model.model.model.layers[i].self_attn, t)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import MODULES, REPO, peft_layer
+from compressedkit import MODULES, REPO, peft_layer
 
 from lorax_adapter_source import lorax_compressed as lc
 

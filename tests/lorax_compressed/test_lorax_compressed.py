@@ -6,7 +6,6 @@ equal PEFT on the adapter exported from the same bundle, and the reference op.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,16 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MODULES, N_LAYERS, REPO, peft_layer
+from compressedkit import MODULES, N_LAYERS, REPO, peft_layer
 from safetensors.torch import load_file, save_file
 
 from lorax_adapter_source import lorax_compressed as lc
 
 pytestmark = pytest.mark.lorax
 
-_spec = importlib.util.spec_from_file_location("lorax_fixtures", REPO / "tests" / "lorax" / "conftest.py")
-lx = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(lx)
+import loraxkit as lx  # noqa: E402  (tests/lorax is on sys.path via conftest)
 
 NAMES = ["a0", "a1", "b0"]
 TOKEN_ADAPTER = [0, 0, 0, -1, -1, 1, 1, 2, 2, 2, -1]  # prefill: contiguous per request
