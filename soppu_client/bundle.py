@@ -82,7 +82,10 @@ def publish_dir(tmp: Path, out: Path, *, force: bool) -> None:
 class BundleBuilder:
     """Accumulates bases and cores module by module, then writes the bundle atomically."""
 
-    def __init__(self, names: list[str], rank: int, diag: bool, n_clusters: int, dtype: torch.dtype):
+    def __init__(self, names: list[str], rank: int, diag: bool, n_clusters: int, dtype: torch.dtype,
+                 reuse_basis: Path | None = None):
+        """``reuse_basis``: copy this basis.safetensors byte for byte instead of writing one."""
+        self.reuse_basis = reuse_basis
         self.names = names
         self.rank = rank
         self.diag = diag
@@ -94,7 +97,7 @@ class BundleBuilder:
 
     def add_module(self, module: str, U: list[torch.Tensor], V: list[torch.Tensor], cores: torch.Tensor) -> None:
         self.shapes[module] = [int(U[0].shape[0]), int(V[0].shape[0])]
-        for c in range(self.n_clusters):
+        for c in range(self.n_clusters if self.reuse_basis is None else 0):
             self.basis[basis_key(module, "U", c, self.n_clusters)] = U[c].to(self.dtype).contiguous()
             self.basis[basis_key(module, "V", c, self.n_clusters)] = V[c].to(self.dtype).contiguous()
         for i, name in enumerate(self.names):
@@ -115,7 +118,10 @@ class BundleBuilder:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             (tmp / "cores").mkdir()
-            save_file(self.basis, str(tmp / BASIS), metadata={"format": FORMAT})
+            if self.reuse_basis is not None:
+                shutil.copyfile(self.reuse_basis, tmp / BASIS)
+            else:
+                save_file(self.basis, str(tmp / BASIS), metadata={"format": FORMAT})
             for name, tensors in self.cores.items():
                 save_file(tensors, str(tmp / core_path(name)), metadata={"format": FORMAT, "adapter": name})
             for rel, data in (extra_files or {}).items():

@@ -78,6 +78,39 @@ def compress(adapter_dirs, out, rank, method, weighting, clusters, float64, dtyp
 
 
 @cli.command(epilog=_EPILOG)
+@click.argument("adapter_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--onto", "onto", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Existing bundle whose basis the new adapters join.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@click.option("--force", is_flag=True, help="Replace an existing output bundle.")
+@json_option
+def project(adapter_dirs, onto, out, force, as_json) -> None:
+    """Project new ADAPTER_DIRS onto the basis of an existing bundle (no refit).
+
+    The output bundle reuses basis.safetensors byte for byte, so a registry or server that has
+    the basis already only receives the new cores.
+    """
+    from .projector import project_adapters
+    from .report import sizes_text, weight_table
+
+    with reporting(as_json):
+        manifest = project_adapters(list(adapter_dirs), onto, out, force=force, progress=progress("projecting modules"))
+        metrics = manifest["metrics"]
+        sizes = metrics["sizes"]
+        text = "\n".join([
+            f"wrote {out}: {len(manifest['adapters'])} adapters on the basis of {onto} "
+            f"(basis sha256 {manifest['fit']['basis_sha256'][:12]}...)",
+            "",
+            weight_table(metrics["summary"]),
+            "",
+            f"new parameters: {sizes['params_cores']:,} (cores only; basis reused) for {sizes['params_before']:,} "
+            f"source parameters = {sizes['param_ratio']:.1f}x",
+            _EPILOG,
+        ])
+        emit(as_json, {"bundle": str(out), "fit": manifest["fit"], "metrics": metrics}, text)
+
+
+@cli.command(epilog=_EPILOG)
 @click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("more_adapter_dirs", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--adapters", "adapter_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),

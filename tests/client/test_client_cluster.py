@@ -74,3 +74,17 @@ def test_clustered_bundle_verifies_and_exports(tmp_path):
     basis = bundle.load_basis()
     core = bundle.load_cores("ad2")["model.layers.1.self_attn.v_proj.S"]
     np.testing.assert_allclose(B.numpy(), (basis["model.layers.1.self_attn.v_proj.c1.U"] @ core).numpy(), rtol=1e-6)
+
+
+def test_projection_joins_the_right_cluster(tmp_path):
+    from soppu_client.projector import project_adapters
+
+    dirs = _write_group_adapters(tmp_path, groups=(0, 1, 0, 1, 1, 0))
+    compress_collection(load_collection(dirs[:4]), tmp_path / "b", CompressConfig(rank=5, clusters=2))
+    base = Bundle.open(tmp_path / "b")
+    group_cluster = {0: base.cluster_of("ad0"), 1: base.cluster_of("ad1")}
+    assert group_cluster[0] != group_cluster[1]
+    manifest = project_adapters(dirs[4:], tmp_path / "b", tmp_path / "p")
+    assert manifest["adapters"]["ad4"]["cluster"] == group_cluster[1]
+    assert manifest["adapters"]["ad5"]["cluster"] == group_cluster[0]
+    assert manifest["metrics"]["summary"]["max_error"] < 1e-4  # their group's subspace is in the basis
