@@ -91,7 +91,7 @@ def project(adapter_dirs, onto, out, force, as_json) -> None:
     the basis already only receives the new cores.
     """
     from .projector import project_adapters
-    from .report import sizes_text, weight_table
+    from .report import weight_table
 
     with reporting(as_json):
         manifest = project_adapters(list(adapter_dirs), onto, out, force=force, progress=progress("projecting modules"))

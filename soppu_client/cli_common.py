@@ -23,6 +23,9 @@ def reporting(as_json: bool) -> Iterator[None]:
     except SoppuError as exc:
         if as_json:
             err = {"type": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code}
+            for field in ("status", "code", "url"):  # RegistryError carries where and why
+                if hasattr(exc, field):
+                    err[field] = getattr(exc, field)
             click.echo(json.dumps({"ok": False, "error": err}, indent=2))
         else:
             click.echo(f"error: {exc}", err=True)

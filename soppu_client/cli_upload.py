@@ -11,35 +11,19 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from soppu_client import signing
-from soppu_client.errors import InputError, RegistryError, SoppuError
+from soppu_client.cli_common import reporting as _reporting
+from soppu_client.errors import InputError
 from soppu_client.registry_client import RegistryClient, make_rotation_proof
 
 __all__ = ["COMMANDS", "upload", "rotate_key_proof"]
 
 TOKEN_ENV = "SOPPU_TOKEN"
 PASSPHRASE_ENV = "SOPPU_KEY_PASSPHRASE"
-
-
-@contextmanager
-def _reporting(as_json: bool) -> Iterator[None]:
-    try:
-        yield
-    except SoppuError as exc:
-        err: dict[str, object] = {"type": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code}
-        if isinstance(exc, RegistryError):
-            err.update(status=exc.status, code=exc.code, url=exc.url)
-        if as_json:
-            click.echo(json.dumps({"ok": False, "error": err}, indent=2))
-        else:
-            click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
 
 
 @click.command("upload")
