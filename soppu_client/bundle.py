@@ -34,6 +34,7 @@ FORMAT = "soppu-bundle/1"
 MANIFEST = "manifest.json"
 BASIS = "basis.safetensors"
 SIGNATURE = "signature.json"
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PEFT_KEYS_KEPT = ("target_modules", "fan_in_fan_out", "task_type", "layers_to_transform", "layers_pattern")
 
 
@@ -300,7 +301,7 @@ def export_peft(
     """Write adapter ``name`` as a standard PEFT LoRA dir (atomic). Returns ``out_dir``."""
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    torch_dtype = TORCH_DTYPES[dtype]
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not force:

@@ -17,11 +17,26 @@ import torch
 
 from . import __version__
 from .adapters import AdapterCollection, load_collection
-from .bundle import BundleBuilder, canonical_dumps, peft_fields
+from .bundle import TORCH_DTYPES, BundleBuilder, canonical_dumps, core_path, peft_fields
 from .compress import CompressConfig, assign_clusters, iter_compressed_modules
 from .metrics import ModuleMetrics, module_metrics, parameter_counts, summarize
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def adapter_entries(collection: AdapterCollection, cluster_of: list[int]) -> dict:
+    """The manifest's "adapters" section: core file, cluster, source rank and alpha per adapter."""
+    return {
+        info.name: {"core": core_path(info.name), "cluster": cluster_of[i], "source_rank": info.rank, "alpha": info.alpha}
+        for i, info in enumerate(collection.adapters)
+    }
+
+
+def metrics_sections(metrics: list[ModuleMetrics], names: list[str], sizes: dict) -> tuple[dict, dict[str, bytes]]:
+    """(manifest "metrics" section, {"metrics.json": per-module detail}) of a bundle."""
+    summary = summarize(metrics, names)
+    section = {"summary": {k: v for k, v in summary.items() if k != "layers"}, "layers": summary["layers"], "sizes": sizes}
+    detail = {"error_definition": summary["error_definition"], "modules": [m.to_json(names) for m in metrics]}
+    return section, {"metrics.json": canonical_dumps(detail).encode()}
 
 
 def compress_collection(
@@ -36,7 +51,7 @@ def compress_collection(
     started = time.perf_counter()
     names = collection.names
     dtype_name = collection.storage_dtype if config.dtype == "auto" else config.dtype
-    storage = _TORCH_DTYPES[dtype_name]
+    storage = TORCH_DTYPES[dtype_name]
     cluster_of = assign_clusters(collection, config.clusters, config.rank, seed=config.seed, weighting=config.weighting)
     n_clusters = max(cluster_of) + 1
     builder = BundleBuilder(names, config.rank, config.diag, n_clusters=n_clusters, dtype=storage)
@@ -52,7 +67,6 @@ def compress_collection(
         metrics.append(module_metrics(module, factors, U, V, cores, fit.cluster_of, config.rank))
         iterations.extend(fit.iterations)
         converged &= all(fit.converged)
-    summary = summarize(metrics, names)
     ranks = [{m: info.modules[m][2] for m in collection.modules} for info in collection.adapters]
     sizes = parameter_counts(collection.shapes, ranks, config.rank, n_clusters, config.diag)
     source_bytes = sum(info.weights_path.stat().st_size for info in collection.adapters)
@@ -64,15 +78,7 @@ def compress_collection(
         "dtype": dtype_name,
         "clusters": n_clusters,
         "peft": peft_fields([info.config for info in collection.adapters]),
-        "adapters": {
-            info.name: {
-                "core": f"cores/{info.name}.safetensors",
-                "cluster": cluster_of[i],
-                "source_rank": info.rank,
-                "alpha": info.alpha,
-            }
-            for i, info in enumerate(collection.adapters)
-        },
+        "adapters": adapter_entries(collection, cluster_of),
         "fit": {
             **config.to_json(),
             "iterations_mean": float(np.mean(iterations)),
@@ -83,16 +89,11 @@ def compress_collection(
             "torch": torch.__version__,
             "machine": platform.machine(),
         },
-        "metrics": {
-            "summary": {k: v for k, v in summary.items() if k != "layers"},
-            "layers": summary["layers"],
-            "sizes": {**sizes, "source_bytes": int(source_bytes), "tensor_bytes": builder.tensor_bytes()},
-        },
     }
-    sizes_out = manifest["metrics"]["sizes"]
-    sizes_out["byte_ratio"] = source_bytes / sizes_out["tensor_bytes"]
-    detail = {"error_definition": summary["error_definition"], "modules": [m.to_json(names) for m in metrics]}
-    return builder.write(Path(out), manifest, extra_files={"metrics.json": canonical_dumps(detail).encode()}, force=force)
+    tensor_bytes = builder.tensor_bytes()
+    sizes.update(source_bytes=int(source_bytes), tensor_bytes=tensor_bytes, byte_ratio=source_bytes / tensor_bytes)
+    manifest["metrics"], extra = metrics_sections(metrics, names, sizes)
+    return builder.write(Path(out), manifest, extra_files=extra, force=force)
 
 
 def compress_adapters(

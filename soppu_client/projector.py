@@ -16,14 +16,12 @@ import numpy as np
 import torch
 
 from .adapters import load_collection
-from .bundle import BASIS, Bundle, BundleBuilder, basis_key, canonical_dumps
+from .bundle import BASIS, TORCH_DTYPES, Bundle, BundleBuilder, basis_key
+from .compressor import adapter_entries, metrics_sections
 from .compress import stack_factors
 from .compress.project import project_cores
 from .errors import InputError
-from .metrics import module_metrics, parameter_counts, summarize
-
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from .metrics import module_metrics, parameter_counts
 
 def _check_compatible(base: Bundle, collection) -> None:
     problems = []
@@ -74,7 +72,7 @@ def project_adapters(
                 residual[:, c] += m.sq_residual
         cluster_of = residual.argmin(1).tolist()
 
-    storage = _TORCH_DTYPES[base.manifest["dtype"]]
+    storage = TORCH_DTYPES[base.manifest["dtype"]]
     builder = BundleBuilder(collection.names, k, diag, n_clusters, storage, reuse_basis=base.path / BASIS)
     metrics = []
     for module in progress(modules) if progress else modules:
@@ -90,7 +88,6 @@ def project_adapters(
         builder.add_module(module, Us, Vs, cores)
         stored = [s.to(storage).double().numpy() for s in cores]
         metrics.append(module_metrics(module, factors, [u.numpy() for u in Us], [v.numpy() for v in Vs], stored, cluster_of, k))
-    summary = summarize(metrics, collection.names)
     ranks = [{m: info.modules[m][2] for m in collection.modules} for info in collection.adapters]
     sizes = parameter_counts(collection.shapes, ranks, k, n_clusters, diag)
     sizes["params_basis_reused"] = sizes.pop("params_basis")
@@ -99,16 +96,9 @@ def project_adapters(
     manifest = {
         key: base.manifest[key] for key in ("format", "base_model", "method", "rank", "dtype", "clusters", "peft")
     }
-    manifest["adapters"] = {
-        info.name: {"core": f"cores/{info.name}.safetensors", "cluster": cluster_of[i],
-                    "source_rank": info.rank, "alpha": info.alpha}
-        for i, info in enumerate(collection.adapters)
-    }
+    manifest["adapters"] = adapter_entries(collection, cluster_of)
     manifest["fit"] = {"projected_onto": str(onto), "basis_sha256": base.manifest["files"][BASIS]["sha256"],
                        "seconds": round(time.perf_counter() - started, 3)}
-    manifest["metrics"] = {"summary": {k_: v for k_, v in summary.items() if k_ != "layers"},
-                           "layers": summary["layers"], "sizes": sizes}
-    detail = {"error_definition": summary["error_definition"], "modules": [m.to_json(collection.names) for m in metrics]}
-    extra = {"metrics.json": canonical_dumps(detail).encode()}
+    manifest["metrics"], extra = metrics_sections(metrics, collection.names, sizes)
     return builder.write(Path(out), manifest, extra_files=extra, force=force)
 

@@ -27,6 +27,7 @@ from safetensors.numpy import save_file
 from lorax_adapter_source.registry.auth import issue_token
 from lorax_adapter_source.registry.storage import Storage
 from soppu_client import signing
+from soppu_client.fsutil import file_digest as sha256_file
 
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MODULES = {"model.layers.0.self_attn.q_proj": (6, 5), "model.layers.0.self_attn.v_proj": (3, 5)}
@@ -35,11 +36,6 @@ MAX_BLOB = 1 << 20
 FUTURE = "2099-01-01T00:00:00Z"
 REGISTRY_BIN = Path(sys.executable).with_name("soppu-registry")
 _names = itertools.count()
-
-
-def sha256_file(path: Path) -> tuple[str, int]:
-    data = path.read_bytes()
-    return hashlib.sha256(data).hexdigest(), len(data)
 
 
 def make_bundle(root: Path, adapters: tuple[str, ...] = ("alpha", "beta"), *, seed: int | None = None,
