@@ -149,7 +149,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for T in args.tokens:
         x = rnd(T, d)
         y = torch.empty(T, d, device=device, dtype=dtype)
-        one_idx = torch.zeros(T, dtype=torch.int32, device=device)
 
         def base() -> None:
             torch.matmul(x, W.T, out=y)

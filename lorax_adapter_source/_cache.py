@@ -5,6 +5,9 @@
         adapter_model.safetensors
         soppu_source.json                  provenance: registry, statement digest, key id, files
     <root>/<owner>/<name>/latest           symlink -> v<N>, the newest version materialized here
+    <root>/.compressed/<owner>/<name>/...  the same for compressed dirs (SOPPU_SERVE_FORMAT=compressed):
+        adapter_config.json, basis.safetensors (a hard link into .blobs: one copy per cluster),
+        cores.safetensors, soppu_source.json
     <root>/.blobs/sha256/<hex>             verified blobs, shared by every adapter (a basis once)
     <root>/.locks/                         one lock file per adapter version and per blob
     <root>/.tmp/                           staging; anything here is garbage from a crashed run
@@ -30,7 +33,24 @@ from soppu_client.fsutil import file_digest, fsync_dir
 
 MARKER = "soppu_source.json"
 LATEST = "latest"
+FORMS = {  # serving form -> the weight files a complete version dir holds
+    "peft": ("adapter_model.safetensors",),
+    "compressed": ("basis.safetensors", "cores.safetensors"),
+}
 
+
+def serve_form(value: str | None = None) -> str:
+    """The form adapters are materialized in: ``value`` or ``$SOPPU_SERVE_FORMAT`` (default ``peft``).
+
+    ``peft``: a standard LoRA dir any LoRAX serves; ``compressed``: the shared-basis form that a
+    LoRAX with the compressed-mode patches (0005-0007) serves with the basis resident once.
+    """
+    form = (value if value is not None else os.environ.get("SOPPU_SERVE_FORMAT", "") or "peft").strip().lower()
+    if form not in FORMS:
+        from soppu_client.errors import InputError
+
+        raise InputError(f"SOPPU_SERVE_FORMAT={form!r} is not a serving form; use one of {', '.join(FORMS)}")
+    return form
 
 
 def default_root() -> Path:
@@ -49,14 +69,21 @@ def default_root() -> Path:
 
 
 class Cache:
-    """Paths, locks and the blob store under one cache root."""
+    """Paths, locks and the blob store under one cache root, for one serving form."""
 
-    def __init__(self, root: str | os.PathLike[str] | None = None):
+    def __init__(self, root: str | os.PathLike[str] | None = None, form: str | None = None):
         self.root = Path(root) if root is not None else default_root()
+        self.form = serve_form(form)
+        # Owner names never start with ".", so the compressed tree cannot collide with an owner.
+        self.tree = self.root if self.form == "peft" else self.root / ".compressed"
+
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        return FORMS[self.form]
 
     # -- layout -------------------------------------------------------------------------------
     def adapter_root(self, owner: str, name: str) -> Path:
-        return self.root / owner / name
+        return self.tree / owner / name
 
     def version_dir(self, owner: str, name: str, version: int) -> Path:
         return self.adapter_root(owner, name) / f"v{version}"
@@ -68,7 +95,7 @@ class Cache:
         return self.root / ".blobs" / "sha256" / sha256
 
     def is_complete(self, version_dir: Path) -> bool:
-        return (version_dir / MARKER).is_file() and (version_dir / "adapter_model.safetensors").is_file()
+        return (version_dir / MARKER).is_file() and all((version_dir / f).is_file() for f in self.weight_names)
 
     def latest_version(self, owner: str, name: str) -> int | None:
         """Version the ``latest`` link points to, or None."""

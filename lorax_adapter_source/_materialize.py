@@ -9,15 +9,17 @@ Order of checks (nothing reaches the cache before all of them pass):
 3. manifest.json, basis and the adapter's core are streamed into a staging dir; each file's size
    and sha256 must equal the signed statement's. manifest.json must agree with the statement.
 4. Tensors are validated (``validate_safetensors`` with the shapes the manifest implies) and the
-   adapter is exported to a standard PEFT dir (``soppu_client.bundle.export_peft``).
+   adapter is written in the cache's serving form: a standard PEFT dir
+   (``soppu_client.bundle.export_peft``) or a compressed dir
+   (``soppu_client.export_compressed``, for LoRAX's compressed mode).
 5. Under the version's file lock the verified blobs enter the blob store (a basis shared by many
-   adapters is fetched once) and the PEFT dir is renamed into ``<root>/<owner>/<name>/v<N>``.
+   adapters is fetched once; a compressed dir's cluster basis is stored once and hard-linked) and
+   the dir is renamed into ``<root>/<owner>/<name>/v<N>`` (compressed: under ``<root>/.compressed``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
 import re
@@ -27,12 +29,14 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from soppu_client import signing
 from soppu_client.bundle import BASIS, MANIFEST, Bundle, core_path, export_peft
 from soppu_client.errors import BundleError, InputError, RegistryError, SignatureError, SoppuError, VerificationError
-from soppu_client.registry_client import RegistryClient
+from soppu_client.export_compressed import BASIS_FILE, write_compressed_files
+from soppu_client.registry_client import BlobDigestError, RegistryClient
+
+from soppu_client.fsutil import fsync_tree
 
 from ._cache import MARKER, Cache, fsync_dir
 
@@ -196,19 +200,11 @@ def owner_key(ref: AdapterRef, signature_doc: dict[str, Any], url: str, token: s
             )
         return signing.load_public_key(path)
     try:
-        keys = make_client(url, token).get_keys(ref.owner)
+        return make_client(url, token).registered_key(ref.owner, signature_doc.get("key_id"))
     except RegistryError as e:
         raise _explain(e, ref, url, "fetching the owner's keys") from None
-    key_id = signature_doc.get("key_id")
-    for k in keys:
-        if k.get("key_id") == key_id and isinstance(k.get("public_key"), str):
-            pub = signing.load_public_key(k["public_key"].encode())
-            if signing.public_key_id(pub) == key_id:
-                return pub
-    raise SignatureError(
-        f"soppu adapter {ref}: bad signature: it names key {key_id!r}, which is not a registered key of "
-        f"owner {ref.owner!r}"
-    )
+    except SignatureError as e:
+        raise SignatureError(f"soppu adapter {ref}: bad signature: {e}") from None
 
 
 def verify(resolved: Resolved, url: str, token: str | None) -> dict[str, Any]:
@@ -227,30 +223,15 @@ def verify(resolved: Resolved, url: str, token: str | None) -> dict[str, Any]:
 def _download(client: RegistryClient, ref: AdapterRef, version: int, entry: dict[str, Any], dest: Path,
               url: str) -> None:
     """Stream one blob to ``dest`` and check it against the signed size and sha256."""
-    path = f"/v1/blobs/sha256:{quote(entry['sha256'])}"
     try:
-        resp = client.request("GET", path, stream=True)
+        client.download_blob(entry["sha256"], int(entry["size"]), dest)
+    except BlobDigestError as e:
+        raise VerificationError(
+            f"soppu adapter {ref}@{version}: digest mismatch: the registry served {entry['path']} as {e.served}, "
+            f"the signed statement says {entry['size']} bytes with sha256 {entry['sha256']}; refusing it"
+        ) from None
     except RegistryError as e:
         raise _explain(e, ref, url, f"downloading {entry['path']}") from None
-    h = hashlib.sha256()
-    n = 0
-    limit = int(entry["size"])
-    try:
-        with open(dest, "wb") as f:
-            for block in resp.iter_content(_CHUNK):
-                n += len(block)
-                if n > limit:
-                    break
-                h.update(block)
-                f.write(block)
-    finally:
-        resp.close()
-    if n != limit or not hmac.compare_digest(h.hexdigest(), entry["sha256"]):
-        got = f"more than {limit} bytes" if n > limit else f"{n} bytes with sha256 {h.hexdigest()}"
-        raise VerificationError(
-            f"soppu adapter {ref}@{version}: digest mismatch: the registry served {entry['path']} as {got}, "
-            f"the signed statement says {limit} bytes with sha256 {entry['sha256']}; refusing it"
-        )
 
 
 def _check_manifest(manifest: dict[str, Any], statement: dict[str, Any], ref: AdapterRef, version: int,
@@ -308,7 +289,7 @@ def _check_cached(final: Path, statement: dict[str, Any], ref: AdapterRef, versi
 
 def materialize(ref: AdapterRef, *, token: str | None, url: str | None = None, cache: Cache | None = None,
                 resolved: Resolved | None = None, lock_timeout: float = 600.0) -> tuple[Path, FetchStats]:
-    """Make ``<cache>/<owner>/<name>/v<N>`` a complete, verified PEFT dir; returns (dir, stats).
+    """Make ``<cache>/<owner>/<name>/v<N>`` a complete, verified dir in the cache's form; returns (dir, stats).
 
     Safe to call from many processes or threads at once: the work is done once under a file lock
     and every caller returns only after the complete dir is in place.
@@ -328,7 +309,7 @@ def materialize(ref: AdapterRef, *, token: str | None, url: str | None = None, c
     from filelock import Timeout
 
     try:
-        with cache.lock(f"adapter-{ref.owner}--{ref.name}--v{version}", timeout=lock_timeout):
+        with cache.lock(f"adapter-{cache.form}-{ref.owner}--{ref.name}--v{version}", timeout=lock_timeout):
             if cache.is_complete(final):  # another process finished while we waited
                 if ref.version is None:
                     cache.set_latest(ref.owner, ref.name, version)
@@ -391,10 +372,14 @@ def _build(ref: AdapterRef, resolved: Resolved, statement: dict[str, Any], url: 
             _check_manifest(manifest, statement, ref, version, [BASIS, core])
             for rel, src in sources.items():
                 _link_or_copy(src, bundle_dir / rel)
+            out = stage / cache.form
             try:
                 bundle = Bundle.open(bundle_dir, verify_digests=False)  # digests checked above
-                out = stage / "peft"
-                export_peft(bundle, ref.name, out)
+                if cache.form == "compressed":
+                    out.mkdir()
+                    derived_basis = write_compressed_files(bundle, ref.name, out)["basis"]
+                else:
+                    export_peft(bundle, ref.name, out)
             except (BundleError, InputError, VerificationError) as e:
                 raise VerificationError(f"soppu adapter {ref}@{version}: bundle failed validation: {e}") from None
             files = [by_path[rel] for rel in needed]
@@ -402,15 +387,29 @@ def _build(ref: AdapterRef, resolved: Resolved, statement: dict[str, Any], url: 
                 json.dumps(_provenance(url, resolved, statement, files), indent=2, sort_keys=True) + "\n",
                 encoding="utf-8",
             )
-            with open(out / MARKER, "rb") as f:
-                os.fsync(f.fileno())
-            fsync_dir(out)
             # Everything verified and exported: only now does anything enter the cache.
             for digest, path in list(fresh.items()):
                 cache.store_blob(path, digest)
+            if cache.form == "compressed":
+                _share_basis(cache, out / BASIS_FILE, derived_basis["sha256"], derived_basis["size"])
+            fsync_tree(out)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(out, final)  # the dir appears complete, or not at all
         fsync_dir(final.parent)
+
+
+def _share_basis(cache: Cache, written: Path, sha256: str, size: int) -> None:
+    """Replace a compressed dir's basis file by a hard link to the one copy in the blob store.
+
+    Adapters of one cluster get byte-identical basis files, so the disk holds each cluster's basis
+    once however many adapters use it (the file in the dir is still a plain, complete file)."""
+    with cache.lock(f"blob-{sha256}"):
+        stored = cache.cached_blob(sha256, size)
+        if stored is None:
+            stored = cache.store_blob(written, sha256)
+        else:
+            written.unlink()
+        _link_or_copy(stored, written)
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:

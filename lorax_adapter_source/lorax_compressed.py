@@ -11,24 +11,12 @@ moves only its cores. The layer forward applies, for every token t of adapter a(
 with ``soppu_kernels`` (``shrink`` = one GEMM per basis, ``core_gather_mv`` = per-token core,
 ``expand`` = one GEMM per basis; Triton on CUDA tensors, the pure-torch reference on CPU).
 
-On-disk format of a compressed adapter (``soppu-compressed/1``), one directory per adapter,
-written by :func:`materialize_compressed` from a bundle::
-
-    <dir>/adapter_config.json   {"peft_type": "SOPPU_COMPRESSED", "format": "soppu-compressed/1",
-                                 "adapter": name, "base_model_name_or_path": ..., "target_modules": [...],
-                                 "method": "full"|"diag", "rank": k, "dtype": "float32",
-                                 "modules": {"<module>": [d_out, d_in], ...},
-                                 "basis": {"file": "basis.safetensors", "sha256": hex, "size": n,
-                                           "cluster": c, "bundle_basis_sha256": hex},
-                                 "cores": {"file": "cores.safetensors", "sha256": hex, "size": n}}
-    <dir>/basis.safetensors     "<module>.U" [d_out, k], "<module>.V" [d_in, k]  (this adapter's cluster only)
-    <dir>/cores.safetensors     "<module>.S" [k, k] (full) or [k] (diag)
-
-The file is named ``adapter_config.json`` so that every LoRAX adapter source (local, hub, s3,
-soppu) fetches it like a PEFT config; ``peft_type`` tells the two apart. ``basis.sha256`` is the
-digest of basis.safetensors, which :func:`materialize_compressed` writes byte-identically for all
-adapters of one cluster: it is the residency key. The cores are applied as they are (the PEFT
-export of the same adapter is r = k, lora_A = V.T, lora_B = U @ S, scaling 1).
+On-disk format (``soppu-compressed/1``, one directory per adapter): see
+:mod:`soppu_client.export_compressed`, which writes it (``soppu export --format compressed``, the
+``soppu`` source with ``SOPPU_SERVE_FORMAT=compressed``). ``basis.sha256`` in its config is the
+digest of basis.safetensors, byte-identical for all adapters of one cluster of one bundle: it is
+the residency key. The cores are applied as they are (the PEFT export of the same adapter is
+r = k, lora_A = V.T, lora_B = U @ S, scaling 1).
 
 LoRAX integration (patches 0005-0007 route to this module, they hold no logic):
 
@@ -51,8 +39,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import shutil
-import tempfile
 import threading
 import weakref
 from dataclasses import dataclass
@@ -62,15 +48,15 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-FORMAT = "soppu-compressed/1"
-PEFT_TYPE = "SOPPU_COMPRESSED"
+from soppu_client.export_compressed import BASIS_FILE, CONFIG_FILE, CORES_FILE, FORMAT, PEFT_TYPE
+
 ADAPTER_TYPE = "soppu"  # key of the batch data in LoRAX's AdapterBatchData.data[layer_type]
-CONFIG_FILE = "adapter_config.json"
-BASIS_FILE = "basis.safetensors"
-CORES_FILE = "cores.safetensors"
 
 __all__ = [
     "ADAPTER_TYPE",
+    "BASIS_FILE",
+    "CONFIG_FILE",
+    "CORES_FILE",
     "FORMAT",
     "PEFT_TYPE",
     "BasisRegistry",
@@ -103,59 +89,11 @@ def _sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 def materialize_compressed(bundle_dir: str | Path, adapter_name: str, out_dir: str | Path, *,
                            force: bool = False) -> Path:
-    """Write adapter ``adapter_name`` of the bundle at ``bundle_dir`` as a compressed adapter dir.
+    """Write adapter ``adapter_name`` of the bundle at ``bundle_dir`` as a compressed adapter dir
+    (digests checked, published atomically); see :func:`soppu_client.export_compressed.export_compressed`."""
+    from soppu_client.export_compressed import export_compressed
 
-    The bundle's file digests are checked first. The result is published atomically. Adapters of
-    one cluster get byte-identical basis files (same digest), so LoRAX keeps that basis once.
-    """
-    from safetensors.torch import save_file
-
-    from soppu_client.bundle import Bundle, basis_key, publish_dir
-
-    bundle = Bundle.open(bundle_dir)
-    entry = bundle.adapter_entry(adapter_name)
-    c, n_clusters = bundle.cluster_of(adapter_name), bundle.n_clusters
-    basis = bundle.load_basis()
-    cores = bundle.load_cores(adapter_name)
-    basis_out, cores_out, modules = {}, {}, {}
-    for module, meta in bundle.manifest["modules"].items():
-        basis_out[f"{module}.U"] = basis[basis_key(module, "U", c, n_clusters)].contiguous()
-        basis_out[f"{module}.V"] = basis[basis_key(module, "V", c, n_clusters)].contiguous()
-        cores_out[f"{module}.S"] = cores[f"{module}.S"].contiguous()
-        modules[module] = [int(x) for x in meta["shape"]]
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass force=True to replace it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        # No metadata that differs between adapters: the basis file is the same bytes for a cluster.
-        save_file(basis_out, str(tmp / BASIS_FILE), metadata={"format": "pt"})
-        save_file(cores_out, str(tmp / CORES_FILE), metadata={"format": "pt"})
-        peft = bundle.manifest.get("peft", {})
-        config = {
-            "peft_type": PEFT_TYPE,
-            "format": FORMAT,
-            "adapter": adapter_name,
-            "base_model_name_or_path": bundle.manifest["base_model"],
-            "target_modules": peft.get("target_modules"),
-            "method": bundle.manifest["method"],
-            "rank": bundle.rank,
-            "dtype": bundle.manifest["dtype"],
-            "modules": modules,
-            "source_rank": entry.get("source_rank"),
-            "basis": {"file": BASIS_FILE, "sha256": _sha256(tmp / BASIS_FILE),
-                      "size": (tmp / BASIS_FILE).stat().st_size, "cluster": c,
-                      "bundle_basis_sha256": bundle.manifest["files"]["basis.safetensors"]["sha256"]},
-            "cores": {"file": CORES_FILE, "sha256": _sha256(tmp / CORES_FILE),
-                      "size": (tmp / CORES_FILE).stat().st_size},
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True), encoding="utf-8")
-        publish_dir(tmp, out, force=force)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return export_compressed(bundle_dir, adapter_name, out_dir, force=force)
 
 
 # ---------------------------------------------------------------------------------------------

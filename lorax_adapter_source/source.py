@@ -1,4 +1,4 @@
-"""LoRAX adapter source ``soppu``: adapters from a SOPPU registry, served as standard PEFT dirs.
+"""LoRAX adapter source ``soppu``: adapters from a SOPPU registry, as PEFT dirs or compressed dirs.
 
 A patched LoRAX (see ``server_patches/``) routes ``adapter_source="soppu"`` here:
 ``get_model_source`` builds a :class:`SoppuModelSource`, ``get_config_path`` / ``get_local_dir``
@@ -9,6 +9,9 @@ Environment (LoRAX process):
     SOPPU_REGISTRY_URL     registry base URL (required), e.g. http://registry:8080
     SOPPU_REGISTRY_TOKEN   token used when a request carries no api_token (e.g. preloaded adapters)
     SOPPU_CACHE_DIR        cache root (default <HUGGINGFACE_HUB_CACHE>/soppu)
+    SOPPU_SERVE_FORMAT     ``peft`` (default: a standard LoRA dir, stock LoRAX kernels) or
+                           ``compressed`` (basis + cores, for a LoRAX with patches 0005-0007:
+                           each cluster's basis resident once, only cores per adapter)
     SOPPU_TRUSTED_KEYS     optional dir of pinned owner keys <owner>.pub (default: the registry's)
     SOPPU_RESOLVE_TTL      seconds a version lookup is reused within a process (default 5)
     SOPPU_REGISTRY_TIMEOUT, SOPPU_REGISTRY_RETRIES   per-request timeout (30 s) and retries (2)
@@ -46,7 +49,7 @@ def get_soppu_local_dir(model_id: str) -> Path:
     (a symlink, replaced atomically, to the newest version materialized on this host).
     """
     ref = AdapterRef.parse(model_id)
-    cache = Cache()
+    cache = Cache()  # the form comes from SOPPU_SERVE_FORMAT, as for the source
     if ref.version is not None:
         return cache.version_dir(ref.owner, ref.name, ref.version)
     return cache.adapter_root(ref.owner, ref.name) / LATEST
@@ -57,14 +60,14 @@ class SoppuModelSource:
 
     def __init__(self, model_id: str, revision: Optional[str] = None, extension: str = ".safetensors",
                  api_token: Optional[str] = None, *, cache_dir: str | os.PathLike[str] | None = None,
-                 registry: str | None = None):
+                 registry: str | None = None, form: str | None = None):
         self.model_id = model_id
         self.ref = AdapterRef.parse(model_id, revision)
         self.revision = revision
         self.extension = extension
         self._api_token = api_token or os.environ.get("SOPPU_REGISTRY_TOKEN") or None
         self._registry = registry
-        self.cache = Cache(cache_dir)
+        self.cache = Cache(cache_dir, form)
         self._resolved: Resolved | None = None
         self.last_stats: FetchStats | None = None
 
@@ -79,7 +82,7 @@ class SoppuModelSource:
 
     def remote_weight_files(self, extension: str = None) -> List[str]:
         extension = extension or self.extension
-        return [WEIGHTS_NAME] if WEIGHTS_NAME.endswith(extension) else []
+        return [f for f in self.cache.weight_names if f.endswith(extension)]
 
     def weight_files(self, extension: str = None) -> List[Path]:
         """The cached weight files of the resolved version; FileNotFoundError when not materialized.
@@ -87,14 +90,15 @@ class SoppuModelSource:
         For ``owner/name`` (no version) the registry is asked for the latest version (with the
         request's token), so a newly published version is fetched rather than a stale one served.
         """
-        extension = extension or self.extension
-        if not WEIGHTS_NAME.endswith(extension):
-            raise FileNotFoundError(f"soppu adapter {self.ref} has no weights with extension {extension}")
+        names = self.remote_weight_files(extension)
+        if not names:
+            raise FileNotFoundError(f"soppu adapter {self.ref} has no weights with extension "
+                                    f"{extension or self.extension}")
         local = self.local_dir()
         if not self.cache.is_complete(local):
             raise FileNotFoundError(f"soppu adapter {self.ref} is not in the local cache ({local}); "
                                     "it is fetched by download_model_assets()")
-        return [local / WEIGHTS_NAME]
+        return [local / name for name in names]
 
     def download_weights(self, filenames: List[str]) -> List[Path]:
         local = self._materialize()

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from .adapters import ADAPTER_NAME_RE
 from .errors import BundleError, InputError, VerificationError
-from .fsutil import file_digest, fsync_dir
+from .fsutil import file_digest, fsync_dir, fsync_tree
 
 FORMAT = "soppu-bundle/1"
 MANIFEST = "manifest.json"
@@ -56,18 +56,9 @@ def canonical_dumps(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    for d in [root, *sorted(x for x in root.rglob("*") if x.is_dir())]:
-        fsync_dir(d)
-
-
 def publish_dir(tmp: Path, out: Path, *, force: bool) -> None:
     """Atomically move a fully written directory ``tmp`` to ``out`` (replacing it when ``force``)."""
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if out.exists():
         if not force:
             raise InputError(f"{out} already exists; choose another output path or pass --force to replace it")
@@ -124,7 +115,7 @@ class BundleBuilder:
             else:
                 save_file(self.basis, str(tmp / BASIS), metadata={"format": FORMAT})
             for name, tensors in self.cores.items():
-                save_file(tensors, str(tmp / core_path(name)), metadata={"format": FORMAT, "adapter": name})
+                save_file(tensors, str(tmp / core_path(name)), metadata={"format": FORMAT})
             for rel, data in (extra_files or {}).items():
                 (tmp / rel).write_bytes(data)
             files = {}

@@ -79,35 +79,67 @@ def compress(adapter_dirs, out, rank, method, weighting, clusters, float64, dtyp
 
 @cli.command(epilog=_EPILOG)
 @click.argument("adapter_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--onto", "onto", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Existing bundle whose basis the new adapters join.")
+@click.option("--onto", "onto", type=click.Path(file_okay=False, path_type=Path),
+              help="Existing local bundle whose basis the new adapters join.")
+@click.option("--onto-published", "published", metavar="OWNER/NAME[@V]",
+              help="Or a published adapter whose basis they join (fetched from --registry, signature verified).")
+@click.option("--registry", envvar="SOPPU_REGISTRY", help="Registry base URL for --onto-published (or $SOPPU_REGISTRY).")
+@click.option("--token", envvar="SOPPU_TOKEN", help="Token that may read OWNER's adapters (or $SOPPU_TOKEN).")
+@click.option("--public-key", "public_key", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Pin OWNER's public key (.pub) instead of trusting the key the registry lists.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing output bundle.")
 @json_option
-def project(adapter_dirs, onto, out, force, as_json) -> None:
+def project(adapter_dirs, onto, published, registry, token, public_key, out, force, as_json) -> None:
     """Project new ADAPTER_DIRS onto the basis of an existing bundle (no refit).
 
-    The output bundle reuses basis.safetensors byte for byte, so a registry or server that has
-    the basis already only receives the new cores.
+    The basis comes from a local bundle (--onto) or from a published adapter (--onto-published
+    owner/name[@version] --registry URL --token T): only that version's manifest and basis are
+    downloaded, after its Ed25519 signature and digests are verified. The output bundle reuses
+    basis.safetensors byte for byte, so a registry or server that has the basis already only
+    receives the new cores.
     """
+    import tempfile
+
+    from . import signing
+    from .errors import InputError
+    from .registry_client import RegistryClient
+    from .registry_fetch import PublishedRef, fetch_published_basis
+
+    with reporting(as_json), tempfile.TemporaryDirectory(prefix="soppu-basis-") as scratch:
+        if (onto is None) == (published is None):
+            raise InputError("give exactly one of --onto BUNDLE and --onto-published OWNER/NAME[@VERSION]")
+        label = None
+        if published is not None:
+            if not registry:
+                raise InputError("--onto-published needs --registry URL (or $SOPPU_REGISTRY)")
+            ref = PublishedRef.parse(published)
+            pub = signing.load_public_key(public_key) if public_key else None
+            onto, statement = fetch_published_basis(RegistryClient(registry, token), ref, Path(scratch) / "basis",
+                                                    public_key=pub)
+            label = f"{registry.rstrip('/')}/{ref.owner}/{ref.name}@{statement['version']}"
+        _project(adapter_dirs, onto, out, force, as_json, label)
+
+
+def _project(adapter_dirs, onto, out, force, as_json, label) -> None:
     from .projector import project_adapters
     from .report import weight_table
 
-    with reporting(as_json):
-        manifest = project_adapters(list(adapter_dirs), onto, out, force=force, progress=progress("projecting modules"))
-        metrics = manifest["metrics"]
-        sizes = metrics["sizes"]
-        text = "\n".join([
-            f"wrote {out}: {len(manifest['adapters'])} adapters on the basis of {onto} "
-            f"(basis sha256 {manifest['fit']['basis_sha256'][:12]}...)",
-            "",
-            weight_table(metrics["summary"]),
-            "",
-            f"new parameters: {sizes['params_cores']:,} (cores only; basis reused) for {sizes['params_before']:,} "
-            f"source parameters = {sizes['param_ratio']:.1f}x",
-            _EPILOG,
-        ])
-        emit(as_json, {"bundle": str(out), "fit": manifest["fit"], "metrics": metrics}, text)
+    manifest = project_adapters(list(adapter_dirs), onto, out, force=force, progress=progress("projecting modules"),
+                                onto_label=label)
+    metrics = manifest["metrics"]
+    sizes = metrics["sizes"]
+    text = "\n".join([
+        f"wrote {out}: {len(manifest['adapters'])} adapters on the basis of {manifest['fit']['projected_onto']} "
+        f"(basis sha256 {manifest['fit']['basis_sha256'][:12]}...)",
+        "",
+        weight_table(metrics["summary"]),
+        "",
+        f"new parameters: {sizes['params_cores']:,} (cores only; basis reused) for {sizes['params_before']:,} "
+        f"source parameters = {sizes['param_ratio']:.1f}x",
+        _EPILOG,
+    ])
+    emit(as_json, {"bundle": str(out), "fit": manifest["fit"], "metrics": metrics}, text)
 
 
 @cli.command(epilog=_EPILOG)
@@ -211,18 +243,33 @@ def inspect(bundle_dir, show_layers, as_json) -> None:
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("name")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="PEFT adapter dir to write.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Adapter dir to write.")
+@click.option("--format", "form", type=click.Choice(["peft", "compressed"]), default="peft", show_default=True,
+              help="peft: a standard LoRA dir; compressed: basis + cores for LoRAX's compressed mode.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Tensor dtype of a peft export (compressed keeps the bundle's dtype).")
 @click.option("--force", is_flag=True, help="Replace an existing output dir.")
 @json_option
-def export(bundle_dir, name, out, dtype, force, as_json) -> None:
-    """Export adapter NAME from BUNDLE_DIR as a standard PEFT LoRA dir (r=k, lora_A=V^T,
-    lora_B=U S, scaling 1) that any LoRA server or PeftModel.from_pretrained loads."""
+def export(bundle_dir, name, out, form, dtype, force, as_json) -> None:
+    """Export adapter NAME from BUNDLE_DIR.
+
+    \b
+    peft        a standard PEFT LoRA dir (r=k, lora_A=V^T, lora_B=U S, scaling 1) that any
+                LoRA server or PeftModel.from_pretrained loads;
+    compressed  adapter_config.json (peft_type SOPPU_COMPRESSED) + basis.safetensors (its
+                cluster's U, V) + cores.safetensors (S), for a LoRAX with the compressed-mode
+                patches: adapters of one cluster share the basis file byte for byte."""
     from .bundle import Bundle, export_peft
+    from .export_compressed import export_compressed
 
     with reporting(as_json):
-        path = export_peft(Bundle.open(bundle_dir), name, out, dtype=dtype, force=force)
-        emit(as_json, {"adapter": name, "output": str(path)}, f"exported `{name}` to {path}")
+        bundle = Bundle.open(bundle_dir)
+        if form == "compressed":
+            path = export_compressed(bundle, name, out, force=force)
+        else:
+            path = export_peft(bundle, name, out, dtype=dtype, force=force)
+        emit(as_json, {"adapter": name, "format": form, "output": str(path)},
+             f"exported `{name}` ({form}) to {path}")
 
 
 def _register_commands() -> None:

@@ -1,4 +1,4 @@
-"""`soppu upload` and `soppu rotate-key-proof`: thin click commands over registry_client.py.
+"""`soppu upload`, `soppu bases` and `soppu rotate-key-proof`: thin click commands over registry_client.py.
 
 Registered on the `soppu` group by cli.py via ``COMMANDS``. Exit codes: 0 only when every adapter
 of the bundle is published (created or identical), 1 refused or failed verification, 2 bad input.
@@ -20,7 +20,7 @@ from soppu_client.cli_common import reporting as _reporting
 from soppu_client.errors import InputError
 from soppu_client.registry_client import RegistryClient, make_rotation_proof
 
-__all__ = ["COMMANDS", "upload", "rotate_key_proof"]
+__all__ = ["COMMANDS", "bases", "rotate_key_proof", "upload"]
 
 TOKEN_ENV = "SOPPU_TOKEN"
 PASSPHRASE_ENV = "SOPPU_KEY_PASSPHRASE"
@@ -51,6 +51,29 @@ def upload(bundle: Path, registry: str, token: str, retries: int, progress: bool
                        f"{len(res.skipped)} already on the registry", err=True)
 
 
+@click.command("bases")
+@click.argument("base_model")
+@click.option("--registry", required=True, envvar="SOPPU_REGISTRY", help="Registry base URL (or $SOPPU_REGISTRY).")
+@click.option("--token", required=True, envvar=TOKEN_ENV, help=f"A read token (or ${TOKEN_ENV}).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def bases(base_model: str, registry: str, token: str, as_json: bool) -> None:
+    """List the bases published for BASE_MODEL that the token may read, and the adapters on each.
+
+    Join one with `soppu project NEW_ADAPTER... --onto-published OWNER/NAME -o BUNDLE`.
+    """
+    with _reporting(as_json):
+        found = RegistryClient(registry, token, retries=2).get_bases(base_model)
+        if as_json:
+            click.echo(json.dumps({"ok": True, "base_model": base_model, "bases": found}, indent=2))
+            return
+        if not found:
+            click.echo(f"no published basis for {base_model} that this token may read")
+        for b in found:
+            users = [f"{u['owner']}/{u['name']}@{u['version']}" for u in b["used_by"]]
+            shown = ", ".join(users[:4]) + (f", ... ({len(users)} in all)" if len(users) > 4 else "")
+            click.echo(f"{b['digest'][:19]}...  {b['size']:>12,} bytes  {shown}")
+
+
 @click.command("rotate-key-proof")
 @click.option("--owner", required=True)
 @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -76,4 +99,4 @@ def rotate_key_proof(owner: str, key_path: Path, new_public_key: str, out_path: 
             click.echo(f"wrote {out_path}: {proof['key_id']} -> {st['new_key_id']} for owner {owner}")
 
 
-COMMANDS = [upload, rotate_key_proof]
+COMMANDS = [upload, bases, rotate_key_proof]

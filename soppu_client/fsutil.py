@@ -28,6 +28,17 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: str | os.PathLike[str]) -> None:
+    """fsync every file under ``root``, then every directory (``root`` included)."""
+    root = Path(root)
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [root, *sorted(x for x in root.rglob("*") if x.is_dir())]:
+        fsync_dir(d)
+
+
 def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` via a temp file in the same dir (fsynced, chmod ``mode``,
     renamed over ``path``); on any failure nothing is left behind and ``path`` is unchanged."""

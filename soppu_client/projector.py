@@ -23,7 +23,7 @@ from .compress.project import project_cores
 from .errors import InputError
 from .metrics import module_metrics, parameter_counts
 
-def _check_compatible(base: Bundle, collection) -> None:
+def _check_compatible(base: Bundle, collection, label: str) -> None:
     problems = []
     if collection.base_model != base.manifest["base_model"]:
         problems.append(f"the adapters are for `{collection.base_model}`, the bundle for `{base.manifest['base_model']}`")
@@ -39,18 +39,24 @@ def _check_compatible(base: Bundle, collection) -> None:
     if taken:
         problems.append(f"adapter name(s) {', '.join(f'`{n}`' for n in taken)} already in the bundle; rename the directories")
     if problems:
-        raise InputError(f"cannot project onto {base.path}: " + "; ".join(problems))
+        raise InputError(f"cannot project onto {label}: " + "; ".join(problems))
 
 
 def project_adapters(
-    adapter_dirs: list[str | Path], onto: str | Path, out: str | Path, *, force: bool = False,
-    progress: Callable | None = None,
+    adapter_dirs: list[str | Path], onto: str | Path | Bundle, out: str | Path, *, force: bool = False,
+    progress: Callable | None = None, onto_label: str | None = None,
 ) -> dict:
-    """Write bundle ``out`` holding the new adapters' cores on the basis of bundle ``onto``."""
+    """Write bundle ``out`` holding the new adapters' cores on the basis of bundle ``onto``.
+
+    ``onto``: a bundle dir, or an opened Bundle whose basis.safetensors is already verified (e.g.
+    one fetched by ``registry_fetch.fetch_published_basis``); ``onto_label`` names it in errors and
+    in the manifest's ``fit.projected_onto`` (default: its path).
+    """
     started = time.perf_counter()
-    base = Bundle.open(onto)
+    base = onto if isinstance(onto, Bundle) else Bundle.open(onto)
+    label = onto_label or str(base.path)
     collection = load_collection(adapter_dirs)
-    _check_compatible(base, collection)
+    _check_compatible(base, collection, label)
     basis = base.load_basis()
     n_clusters, diag, k = base.n_clusters, base.diag, base.rank
     modules = base.modules
@@ -97,7 +103,7 @@ def project_adapters(
         key: base.manifest[key] for key in ("format", "base_model", "method", "rank", "dtype", "clusters", "peft")
     }
     manifest["adapters"] = adapter_entries(collection, cluster_of)
-    manifest["fit"] = {"projected_onto": str(onto), "basis_sha256": base.manifest["files"][BASIS]["sha256"],
+    manifest["fit"] = {"projected_onto": label, "basis_sha256": base.manifest["files"][BASIS]["sha256"],
                        "seconds": round(time.perf_counter() - started, 3)}
     manifest["metrics"], extra = metrics_sections(metrics, collection.names, sizes)
     return builder.write(Path(out), manifest, extra_files=extra, force=force)

@@ -12,6 +12,7 @@ status, the server's error code and message, and the URL.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import random
 import sys
 import time
@@ -86,6 +87,14 @@ def _retry_after(resp: requests.Response) -> float | None:
             return max(0.0, parsedate_to_datetime(v).timestamp() - time.time())
         except (TypeError, ValueError):
             return None
+
+
+class BlobDigestError(RegistryError):
+    """A downloaded blob is not the bytes asked for; ``served`` says what came instead."""
+
+    def __init__(self, message: str, *, served: str, url: str):
+        super().__init__(message, code="digest_mismatch", url=url)
+        self.served = served
 
 
 class RegistryClient:
@@ -191,6 +200,28 @@ class RegistryClient:
                                 url=self.base_url + url_path)
         return data
 
+    def download_blob(self, sha256: str, size: int, dest: Path) -> None:
+        """Stream blob ``sha256`` to ``dest``, reading at most ``size`` bytes; RegistryError
+        ``digest_mismatch`` (and ``dest`` removed) unless exactly ``size`` bytes with that sha256 came."""
+        url_path = f"/v1/blobs/sha256:{quote(sha256)}"
+        resp = self.request("GET", url_path, stream=True)
+        h, n = hashlib.sha256(), 0
+        try:
+            with open(dest, "wb") as f:
+                for block in resp.iter_content(1 << 20):
+                    n += len(block)
+                    if n > size:
+                        break
+                    h.update(block)
+                    f.write(block)
+        finally:
+            resp.close()
+        if n != size or not hmac.compare_digest(h.hexdigest(), sha256):
+            Path(dest).unlink(missing_ok=True)
+            got = f"more than {size} bytes" if n > size else f"{n} bytes with sha256 {h.hexdigest()}"
+            raise BlobDigestError(f"GET {self.base_url}{url_path}: served {got}, expected {size} bytes with sha256 "
+                                  f"{sha256}", served=got, url=self.base_url + url_path)
+
     # -- adapters, keys, bases ---------------------------------------------------------------
     def publish(self, owner: str, name: str, version: int, signature_doc: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """PUT one version; returns (201 created | 200 identical, the version document)."""
@@ -207,6 +238,17 @@ class RegistryClient:
 
     def get_keys(self, owner: str) -> list[dict[str, Any]]:
         return self.request("GET", f"/v1/keys/{quote(owner)}").json()["keys"]
+
+    def registered_key(self, owner: str, key_id: str | None) -> Ed25519PublicKey:
+        """The registered public key ``key_id`` of ``owner`` (SignatureError if it is not one of theirs).
+
+        The id is recomputed from the key bytes, so a registry cannot pass off another key under it."""
+        for k in self.get_keys(owner):
+            if k.get("key_id") == key_id and isinstance(k.get("public_key"), str):
+                pub = signing.load_public_key(k["public_key"].encode())
+                if signing.public_key_id(pub) == key_id:
+                    return pub
+        raise SignatureError(f"the signature names key {key_id!r}, which is not a registered key of owner {owner!r}")
 
     def get_bases(self, base_model: str) -> list[dict[str, Any]]:
         return self.request("GET", f"/v1/bases/{quote(base_model, safe='/')}").json()["bases"]

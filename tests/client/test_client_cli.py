@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SOPPU = [sys.executable, "-m", "soppu_client.cli"]
 
@@ -78,3 +80,61 @@ def test_verify_outputs_on_real_model(cli_bundle, peft_adapters, tmp_path):
     assert set(checks) == {"alpha", "beta", "gamma"}
     for c in checks.values():
         assert c["prompts"] == 2 and c["mean_kl"] >= 0 and 0 <= c["top1_agreement"] <= 1
+
+
+def test_export_compressed_form(peft_adapters, tmp_path):
+    """`soppu export --format compressed` on a 2-cluster bundle: the dir holds exactly the adapter's
+    cluster basis and its core (read back with the safetensors library), adapters of one cluster get
+    byte-identical basis files, and U S V^T equals the PEFT export's B A."""
+    from safetensors.torch import load_file
+
+    bundle = tmp_path / "clustered"
+    run("compress", *peft_adapters, "-o", bundle, "--rank", 4, "--clusters", 2, "--json")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    clusters = {n: a["cluster"] for n, a in manifest["adapters"].items()}
+    assert sorted(set(clusters.values())) == [0, 1]  # non-vacuous: both clusters used
+    bundle_basis = load_file(str(bundle / "basis.safetensors"))
+    basis_bytes = {}
+    for name, c in clusters.items():
+        out = tmp_path / f"{name}-c"
+        payload = json.loads(run("export", bundle, name, "-o", out, "--format", "compressed", "--json").stdout)
+        assert payload["format"] == "compressed" and payload["output"] == str(out)
+        assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "basis.safetensors", "cores.safetensors"]
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert (config["peft_type"], config["format"], config["adapter"]) == ("SOPPU_COMPRESSED", "soppu-compressed/1", name)
+        assert config["basis"]["cluster"] == c
+        for part in ("basis", "cores"):
+            data = (out / config[part]["file"]).read_bytes()
+            assert config[part]["size"] == len(data)
+            assert config[part]["sha256"] == hashlib.sha256(data).hexdigest()
+        basis_bytes[name] = (out / "basis.safetensors").read_bytes()
+        basis = load_file(str(out / "basis.safetensors"))
+        cores = load_file(str(out / "cores.safetensors"))
+        assert set(basis) == {f"{m}.{s}" for m in manifest["modules"] for s in ("U", "V")}
+        bundle_cores = load_file(str(bundle / "cores" / f"{name}.safetensors"))
+        assert set(cores) == set(bundle_cores) and all(torch.equal(cores[k], bundle_cores[k]) for k in cores)
+        peft_dir = tmp_path / f"{name}-p"
+        run("export", bundle, name, "-o", peft_dir)
+        peft = load_file(str(peft_dir / "adapter_model.safetensors"))
+        for module in manifest["modules"]:
+            U, V, S = basis[f"{module}.U"], basis[f"{module}.V"], cores[f"{module}.S"]
+            assert torch.equal(U, bundle_basis[f"{module}.c{c}.U"]) and torch.equal(V, bundle_basis[f"{module}.c{c}.V"])
+            A = peft[f"base_model.model.{module}.lora_A.weight"]
+            B = peft[f"base_model.model.{module}.lora_B.weight"]
+            torch.testing.assert_close(U @ S @ V.T, B @ A, rtol=1e-5, atol=1e-6)
+    names = sorted(clusters)
+    for a in names:
+        for b in names:
+            assert (basis_bytes[a] == basis_bytes[b]) == (clusters[a] == clusters[b]), (a, b)
+    proc = run("export", bundle, "nobody", "-o", tmp_path / "nobody", "--format", "compressed", check_rc=2)
+    assert "nobody" in proc.stderr and not (tmp_path / "nobody").exists()
+
+
+def test_compress_is_byte_reproducible(cli_bundle, peft_adapters, tmp_path):
+    """Same adapters, same options, another process: the same basis and core bytes (so a re-upload
+    is idempotent on the registry and a basis digest names its content)."""
+    again = tmp_path / "again"
+    run("compress", *peft_adapters, "-o", again, "--rank", 8, "--json")
+    files = ["basis.safetensors", *(f"cores/{n}.safetensors" for n in ("alpha", "beta", "gamma"))]
+    for rel in files:
+        assert (again / rel).read_bytes() == (cli_bundle / rel).read_bytes(), rel

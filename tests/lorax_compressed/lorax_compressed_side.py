@@ -1,12 +1,14 @@
 """Runs under LORAX_PYTHON with a patched ``lorax_server`` (0001-0007), this repo and kernels/ on PYTHONPATH.
 
-Drives LoRAX's own code on SOPPU compressed adapters (local dirs): download_adapter_weights (bytes
+Drives LoRAX's own code on SOPPU compressed adapters (local dirs, or ``owner/name`` ids of source
+``soppu`` with SOPPU_SERVE_FORMAT=compressed): download_adapter_weights (bytes
 moved), load_module_map -> load_adapter_config (patch 0005) -> SoppuCompressedConfig,
 load_batched_adapter_weights, LayerAdapterWeights, AdapterBatchData.from_meta (a prefill batch), and
 TensorParallelMultiAdapterLinear.forward -> forward_layer_type (patch 0006) on CPU. Writes the layer
 outputs to a safetensors file and prints one JSON report line.
 
-argv[1]: JSON {"adapters": [dir, ...], "model_id", "n_layers", "token_adapter": [...], "inputs", "out"}
+argv[1]: JSON {"adapters": [dir or id, ...], "source": "local"|"soppu", "model_id", "n_layers",
+               "token_adapter": [...], "inputs", "out"}
 """
 
 from __future__ import annotations
@@ -63,13 +65,15 @@ for i in range(n_layers):
                           TensorParallelMultiAdapterLinear.load(base, i, [t], sizes=None, process_group=pg))
 model = _CpuModel(layers)
 
-report = {"bytes": [], "types": [], "unused": []}
+source = args.get("source", "local")
+report = {"bytes": [], "types": [], "unused": [], "adapter_dirs": []}
 weights = {t: LayerAdapterWeights() for t in layer_types}
 per_adapter = []
 for j, adapter_dir in enumerate(args["adapters"]):
     adapter_index = j + 1  # 0: the base model
-    report["bytes"].append(download_adapter_weights(adapter_dir, "local"))  # before this adapter is loaded
-    module_map, config, used, _tok = load_module_map(args["model_id"], adapter_dir, "local", weight_names, None)
+    report["bytes"].append(download_adapter_weights(adapter_dir, source))  # before this adapter is loaded
+    module_map, config, used, _tok = load_module_map(args["model_id"], adapter_dir, source, weight_names, None)
+    report["adapter_dirs"].append(config.adapter_dir)
     report["types"].append(type(config).__name__)
     unused = set(used)
     loaded = {}

@@ -2,7 +2,9 @@
 
 A prefill batch of base-model tokens and tokens of three compressed adapters (two sharing a basis,
 one full and one diag bundle) goes through the patched forward_layer_type; each token's output must
-equal PEFT on the adapter exported from the same bundle, and the reference op."""
+equal PEFT on the adapter exported from the same bundle, and the reference op. The adapters come
+from local dirs (source ``local``) or from a real registry on loopback (source ``soppu`` with
+SOPPU_SERVE_FORMAT=compressed: fetched, verified and written into the cache by the soppu source)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 import torch
 from compressedkit import MODULES, N_LAYERS, REPO, peft_layer
 from safetensors.torch import load_file, save_file
+from srckit import BASE_MODEL
 
 from lorax_adapter_source import lorax_compressed as lc
 
@@ -37,7 +40,9 @@ def patched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return dest
 
 
-def test_lorax_forward_layer_type_serves_compressed_adapters(patched, compressed, peft_model, tmp_path) -> None:
+def _run_side(patched: Path, peft_model, adapters: list[str], source: str, tmp_path: Path,
+              env_extra: dict[str, str] | None = None) -> tuple[dict, torch.Tensor, dict]:
+    """Run lorax_compressed_side.py on ``adapters``; returns (report, x, layer outputs)."""
     torch.manual_seed(3)
     x = torch.randn(len(TOKEN_ADAPTER), 576)
     inputs = {"x": x}
@@ -45,19 +50,24 @@ def test_lorax_forward_layer_type_serves_compressed_adapters(patched, compressed
         i, t = int(module.split(".")[2]), module.split(".")[-1]
         inputs[f"{i}.{t}.weight"] = peft_layer(peft_model, module).base_layer.weight.detach().float().contiguous()
     save_file(inputs, str(tmp_path / "in.safetensors"))
-    model_id = lc.read_compressed_config(compressed["dirs"]["a0"])["base_model_name_or_path"]
-    args = {"adapters": [str(compressed["dirs"][n]) for n in NAMES], "model_id": model_id, "n_layers": N_LAYERS,
+    args = {"adapters": adapters, "source": source, "model_id": BASE_MODEL, "n_layers": N_LAYERS,
             "token_adapter": TOKEN_ADAPTER, "inputs": str(tmp_path / "in.safetensors"),
             "out": str(tmp_path / "out.safetensors")}
     env = {**os.environ, "DISABLE_SGMV": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(patched / "server"), str(REPO), str(REPO / "kernels")])}
+           "PYTHONPATH": os.pathsep.join([str(patched / "server"), str(REPO), str(REPO / "kernels")]),
+           **(env_extra or {})}
     proc = subprocess.run([lx.lorax_python(), str(Path(__file__).with_name("lorax_compressed_side.py")),
                            json.dumps(args)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return report, x, load_file(str(tmp_path / "out.safetensors"))
 
-    cfg = {n: lc.read_compressed_config(compressed["dirs"][n]) for n in NAMES}
+
+def _check_served(report: dict, x: torch.Tensor, got_all: dict, dirs: dict[str, Path], peft_model) -> None:
+    """What LoRAX loaded and computed for NAMES, whose compressed dirs are ``dirs``."""
+    cfg = {n: lc.read_compressed_config(dirs[n]) for n in NAMES}
     assert report["types"] == ["SoppuCompressedConfig"] * 3
+    assert [Path(d).resolve() for d in report["adapter_dirs"]] == [Path(dirs[n]).resolve() for n in NAMES]
     assert report["unused"] == [[], [], []]
     # bytes moved: a0 brings its basis; a1 shares it (resident): cores only; b0 brings another basis
     assert report["bytes"] == [cfg["a0"]["cores"]["size"] + cfg["a0"]["basis"]["size"], cfg["a1"]["cores"]["size"],
@@ -70,9 +80,8 @@ def test_lorax_forward_layer_type_serves_compressed_adapters(patched, compressed
     assert report["batch_types"] == {"q_proj": ["soppu"], "v_proj": ["soppu"]}
     assert report["groups"] == {"q_proj": 2, "v_proj": 2}
 
-    got_all = load_file(str(tmp_path / "out.safetensors"))
     idx = torch.tensor(TOKEN_ADAPTER)
-    loaded = {n: lc.load_compressed(compressed["dirs"][n]) for n in NAMES}
+    loaded = {n: lc.load_compressed(dirs[n]) for n in NAMES}
     for module in MODULES:
         i, t = int(module.split(".")[2]), module.split(".")[-1]
         got = got_all[f"{i}.{t}"]
@@ -92,3 +101,32 @@ def test_lorax_forward_layer_type_serves_compressed_adapters(patched, compressed
                                           diag=c["method"] == "diag", backend="reference")
                 torch.testing.assert_close(got[rows], ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[idx < 0], base_y[idx < 0], rtol=1e-6, atol=1e-6)
+
+
+def test_lorax_forward_layer_type_serves_compressed_adapters(patched, compressed, peft_model, tmp_path) -> None:
+    dirs = compressed["dirs"]
+    report, x, got = _run_side(patched, peft_model, [str(dirs[n]) for n in NAMES], "local", tmp_path)
+    _check_served(report, x, got, dirs, peft_model)
+
+
+def test_lorax_serves_compressed_adapters_from_the_registry(patched, compressed, peft_model, tmp_path) -> None:
+    """source ``soppu``, SOPPU_SERVE_FORMAT=compressed: registry -> verify -> compressed dir in the cache
+    -> LoRAX's loader and forward; the served files are byte-identical to the local export."""
+    import srckit
+
+    reg = srckit.start_registry(tmp_path)
+    try:
+        for bundle in (compressed["bundles"]["a0"], compressed["bundles"]["b0"]):
+            reg.publish(bundle, version=1)
+        cache = tmp_path / "cache"
+        report, x, got = _run_side(
+            patched, peft_model, [f"{reg.owner}/{n}" for n in NAMES], "soppu", tmp_path,
+            {"SOPPU_REGISTRY_URL": reg.url, "SOPPU_REGISTRY_TOKEN": reg.serving_token,
+             "SOPPU_CACHE_DIR": str(cache), "SOPPU_SERVE_FORMAT": "compressed"})
+    finally:
+        reg.stop()
+    served = {n: cache / ".compressed" / reg.owner / n / "v1" for n in NAMES}
+    for n in NAMES:
+        mine, local = lc.read_compressed_config(served[n]), lc.read_compressed_config(compressed["dirs"][n])
+        assert (mine["basis"]["sha256"], mine["cores"]["sha256"]) == (local["basis"]["sha256"], local["cores"]["sha256"])
+    _check_served(report, x, got, served, peft_model)

@@ -172,3 +172,20 @@ def cache_files(root: Path) -> list[str]:
         return []
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")
                   if (p.is_file() or p.is_symlink()) and ".locks" not in p.parts)
+
+
+def publish_fresh(published, names: tuple[str, ...], seed: int) -> Path:
+    """Compress new adapters ``names`` into their own bundle and publish it as version 1."""
+    tmp = published.tmp / f"extra-{seed}"
+    ads = [write_adapter(tmp / n, seed=seed + i) for i, n in enumerate(names)]
+    bundle = compress(ads, tmp / "bundle", rank=4)
+    published.registry.publish(bundle, version=1)
+    return bundle
+
+
+def version_record(reg: Registry, name: str) -> dict:
+    """The registry's latest version record of ``<owner>/<name>`` (read with the serving token)."""
+    r = requests.get(f"{reg.url}/v1/adapters/{reg.owner}/{name}",
+                     headers={"Authorization": f"Bearer {reg.serving_token}"}, timeout=10)
+    r.raise_for_status()
+    return r.json()

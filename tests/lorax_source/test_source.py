@@ -105,19 +105,10 @@ def test_unreachable_registry(source_env: Path, monkeypatch: pytest.MonkeyPatch)
     assert srckit.cache_files(source_env) == []
 
 
-def _publish_fresh(published, names: tuple[str, ...], seed: int) -> None:
-    tmp = published.tmp / f"extra-{seed}"
-    ads = [srckit.write_adapter(tmp / n, seed=seed + i) for i, n in enumerate(names)]
-    bundle = srckit.compress(ads, tmp / "bundle", rank=4)
-    published.registry.publish(bundle, version=1)
-
-
 def test_tampered_blob_is_refused_and_nothing_is_cached(published, source_env: Path) -> None:
     reg = published.registry
-    _publish_fresh(published, ("tb0", "tb1"), seed=100)
-    record = json.loads(srckit.run("python", "-c", (
-        "import json,sys,requests; r=requests.get(sys.argv[1], headers={'Authorization': 'Bearer '+sys.argv[2]});"
-        "print(r.text)"), f"{reg.url}/v1/adapters/{reg.owner}/tb0", reg.serving_token))
+    srckit.publish_fresh(published, ("tb0", "tb1"), seed=100)
+    record = srckit.version_record(reg, "tb0")
     core = next(f for f in record["files"] if f["path"] == "cores/tb0.safetensors")
     blob = next(reg.data.glob(f"blobs/sha256/*/{core['sha256']}"))
     data = bytearray(blob.read_bytes())
@@ -133,7 +124,7 @@ def test_tampered_blob_is_refused_and_nothing_is_cached(published, source_env: P
 
 def test_tampered_signature_is_refused_and_nothing_is_cached(published, source_env: Path) -> None:
     reg = published.registry
-    _publish_fresh(published, ("ts0",), seed=200)
+    srckit.publish_fresh(published, ("ts0",), seed=200)
     db = sqlite3.connect(reg.data / "registry.sqlite3")
     (sig_text,) = db.execute("SELECT signature FROM versions WHERE owner=? AND name='ts0'", (reg.owner,)).fetchone()
     sig = json.loads(sig_text)
@@ -167,3 +158,20 @@ def test_latest_follows_new_versions_and_pins_stay(published, source_env: Path) 
     assert pinned.weight_files() == [source_env / reg.owner / "nv0" / "v1" / "adapter_model.safetensors"]
     # Version 2 reused every blob of version 1 (same files): nothing downloaded.
     assert latest.last_stats.blobs_downloaded == []
+
+
+def test_signature_naming_an_unregistered_key_is_refused(published, source_env: Path) -> None:
+    reg = published.registry
+    srckit.publish_fresh(published, ("tk0",), seed=250)
+    db = sqlite3.connect(reg.data / "registry.sqlite3")
+    (sig_text,) = db.execute("SELECT signature FROM versions WHERE owner=? AND name='tk0'", (reg.owner,)).fetchone()
+    sig = json.loads(sig_text)
+    assert sig["key_id"].startswith("ed25519:")
+    sig["key_id"] = "ed25519:" + "0" * 32  # a key the owner never registered
+    with db:
+        db.execute("UPDATE versions SET signature=? WHERE owner=? AND name='tk0'", (json.dumps(sig), reg.owner))
+    db.close()
+    with pytest.raises(SignatureError, match=r"soppu adapter alice/tk0: bad signature: the signature names key "
+                                             r"'ed25519:0{32}', which is not a registered key of owner 'alice'"):
+        SoppuModelSource(f"{reg.owner}/tk0", api_token=reg.serving_token).download_model_assets()
+    assert srckit.cache_files(source_env) == []
