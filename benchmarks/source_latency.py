@@ -6,13 +6,18 @@ digest checks, download, export, atomic rename). Measured for
 
 * one adapter, cold (empty cache) and warm (materialized; a fresh source still asks the registry),
 * 100 adapters of one bundle sharing one basis, cold and warm, one after another in one process;
-  the basis must be fetched once (asserted from the source's own stats, and reported).
+  the basis must be fetched once (asserted from the source's own stats, and reported). Done for
+  each serving form (``SOPPU_SERVE_FORMAT``): ``peft`` (a LoRA dir per adapter, what stock LoRAX
+  loads) and ``compressed`` (basis + cores, one basis copy on disk, hard-linked), with the bytes
+  each form leaves in the cache (hard links counted once) and the bytes LoRAX reads to load all
+  adapters (compressed: the basis once + every core).
 
 Everything runs on this machine: a real ``soppu-registry serve`` on 127.0.0.1, a bundle made by
 ``soppu compress`` from synthetic adapters on SmolLM2-135M shapes, signed and uploaded with the
 ``soppu`` CLI. Prints one JSON object; never asserts a time.
 
     python benchmarks/source_latency.py [--adapters 100] [--layers 30] [--rank 8] [--repeats 20]
+                                        [--forms peft,compressed]
 """
 
 from __future__ import annotations
@@ -109,12 +114,25 @@ def summary(seconds: list[float]) -> dict:
             "mean_ms": round(statistics.fmean(ms), 3), "max_ms": round(max(ms), 3)}
 
 
+def disk_bytes(root: Path, *, skip: tuple[str, ...] = ()) -> int:
+    """Bytes of the files under ``root`` with each inode counted once (hard links share one copy)."""
+    seen, total = set(), 0
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink() and not any(part in skip for part in p.relative_to(root).parts):
+            st = p.stat()
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapters", type=int, default=100)
     ap.add_argument("--layers", type=int, default=30, help="decoder layers carrying q_proj/v_proj LoRA (SmolLM2: 30)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=20, help="cold/warm trials of the single adapter")
+    ap.add_argument("--forms", default="peft,compressed", help="serving forms for the shared-basis run")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = ap.parse_args()
 
@@ -137,10 +155,10 @@ def main() -> None:
         from lorax_adapter_source._materialize import forget_resolutions
         from lorax_adapter_source.source import SoppuModelSource
 
-        def load(adapter_id: str, cache: Path) -> tuple[float, SoppuModelSource]:
+        def load(adapter_id: str, cache: Path, form: str = "peft") -> tuple[float, SoppuModelSource]:
             forget_resolutions()  # every trial pays the registry round trip, as a new request does
             start = time.perf_counter()
-            src = SoppuModelSource(adapter_id, api_token=serving, cache_dir=cache)
+            src = SoppuModelSource(adapter_id, api_token=serving, cache_dir=cache, form=form)
             try:
                 src.weight_files()
             except FileNotFoundError:
@@ -158,39 +176,34 @@ def main() -> None:
             warm1.append(dt)
             shutil.rmtree(cache)
 
-        cache = tmp / "cache-many"
-        cold_many, warm_many = [], []
-        downloads: dict[str, int] = {}
-        bytes_down = 0
-        t_cold = time.perf_counter()
-        for a in adapters:
-            dt, src = load(f"bench/{a.name}", cache)
-            cold_many.append(dt)
-            for rel in src.last_stats.blobs_downloaded:
-                key_ = "core" if rel.startswith("cores/") else rel
-                downloads[key_] = downloads.get(key_, 0) + 1
-            bytes_down += src.last_stats.bytes_downloaded
-        cold_total = time.perf_counter() - t_cold
-        t_warm = time.perf_counter()
-        for a in adapters:
-            dt, _ = load(f"bench/{a.name}", cache)
-            warm_many.append(dt)
-        warm_total = time.perf_counter() - t_warm
-        if downloads.get("basis.safetensors") != 1:
-            sys.exit(f"basis was downloaded {downloads.get('basis.safetensors')} times, expected once")
-
         naive = args.adapters * (basis_bytes + core_bytes)
-        print(json.dumps({
-            "benchmark": "source_latency",
-            "what": "SoppuModelSource resolve-to-loadable (registry lookup + verify + download + PEFT export)",
-            "config": {"adapters": args.adapters, "layers": args.layers, "rank": args.rank, "modules": 2 * args.layers,
-                       "repeats": args.repeats, "registry": "soppu-registry serve on 127.0.0.1"},
-            "sizes": {"basis_bytes": basis_bytes, "core_bytes": core_bytes,
-                      "peft_adapter_bytes": (cache / "bench" / adapters[0].name / "v1" / "adapter_model.safetensors")
-                      .stat().st_size},
-            "one_adapter": {"cold": summary(cold1), "warm": summary(warm1),
-                            "cold_over_warm_p50": round(pct(cold1, 50) / pct(warm1, 50), 2)},
-            "shared_basis": {
+        shared = {}
+        for form in args.forms.split(","):
+            cache = tmp / f"cache-many-{form}"
+            cold_many, warm_many = [], []
+            downloads: dict[str, int] = {}
+            bytes_down = 0
+            t_cold = time.perf_counter()
+            for a in adapters:
+                dt, src = load(f"bench/{a.name}", cache, form)
+                cold_many.append(dt)
+                for rel in src.last_stats.blobs_downloaded:
+                    key_ = "core" if rel.startswith("cores/") else rel
+                    downloads[key_] = downloads.get(key_, 0) + 1
+                bytes_down += src.last_stats.bytes_downloaded
+            cold_total = time.perf_counter() - t_cold
+            t_warm = time.perf_counter()
+            load_files = set()
+            for a in adapters:
+                dt, src = load(f"bench/{a.name}", cache, form)
+                warm_many.append(dt)
+                for f in src.weight_files():
+                    st = f.stat()
+                    load_files.add((st.st_dev, st.st_ino, st.st_size))
+            warm_total = time.perf_counter() - t_warm
+            if downloads.get("basis.safetensors") != 1:
+                sys.exit(f"{form}: basis was downloaded {downloads.get('basis.safetensors')} times, expected once")
+            shared[form] = {
                 "cold": {**summary(cold_many), "total_s": round(cold_total, 3)},
                 "warm": {**summary(warm_many), "total_s": round(warm_total, 3)},
                 "first_adapter_cold_ms": round(cold_many[0] * 1e3, 3),
@@ -198,7 +211,24 @@ def main() -> None:
                 "bytes_downloaded": bytes_down,
                 "bytes_if_basis_per_adapter": naive,
                 "download_ratio": round(naive / bytes_down, 2),
-            },
+                "cache_disk_bytes": disk_bytes(cache, skip=(".locks", ".tmp")),
+                "served_dirs_disk_bytes": disk_bytes(cache, skip=(".locks", ".tmp", ".blobs")),
+                "weight_bytes_loaded_for_all": sum(size for _, _, size in load_files),
+            }
+        if {"peft", "compressed"} <= set(shared):
+            shared["compressed_vs_peft"] = {
+                key: round(shared["peft"][key] / shared["compressed"][key], 2)
+                for key in ("served_dirs_disk_bytes", "weight_bytes_loaded_for_all")}
+
+        print(json.dumps({
+            "benchmark": "source_latency",
+            "what": "SoppuModelSource resolve-to-loadable (registry lookup + verify + download + write the served form)",
+            "config": {"adapters": args.adapters, "layers": args.layers, "rank": args.rank, "modules": 2 * args.layers,
+                       "repeats": args.repeats, "registry": "soppu-registry serve on 127.0.0.1"},
+            "sizes": {"basis_bytes": basis_bytes, "core_bytes": core_bytes},
+            "one_adapter": {"cold": summary(cold1), "warm": summary(warm1),
+                            "cold_over_warm_p50": round(pct(cold1, 50) / pct(warm1, 50), 2)},
+            "shared_basis": shared,
             "setup_s": round(setup_s, 1),
             "machine": {"python": platform.python_version(), "platform": platform.platform(),
                         "cpus": os.cpu_count()},

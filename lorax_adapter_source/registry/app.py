@@ -151,6 +151,7 @@ def create_app(config: RegistryConfig) -> FastAPI:
         size = store.blob_size(hexd)
         if size is None:
             return Response(status_code=404)
+        store.touch_blob(hexd)  # the client will publish against it: restart its gc grace period
         return Response(status_code=200, headers={"content-length": str(size), "x-soppu-size": str(size),
                                                   "docker-content-digest": digest})
 

@@ -8,6 +8,7 @@
     soppu-registry issue-token --data DIR [--owner OWNER] --scope SCOPE [--scope ...] [--label L]
     soppu-registry revoke-token --data DIR TOKEN_ID
     soppu-registry list-tokens --data DIR
+    soppu-registry gc --data DIR [--grace 24h] [--dry-run] [--json]
 
 Admin commands open the SQLite database directly (safe while a server runs: WAL mode), so a
 revoked token stops working on its next request. Exit codes: 0 ok, 1 refused, 2 bad input.
@@ -192,6 +193,40 @@ def list_tokens(data_dir: Path) -> None:
     """List tokens (ids, owners, scopes; never secrets) as JSON lines."""
     for t in Storage(data_dir).list_tokens():
         click.echo(json.dumps(t))
+
+
+def _seconds(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``24h``, ``7d`` -> seconds."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a duration such as 90s, 30m, 24h or 7d")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+@main.command("gc")
+@data_option
+@click.option("--grace", default="24h", show_default=True,
+              help="Keep unpublished blobs touched (uploaded, re-sent or HEAD-checked) within this long: 90s, 30m, 24h, 7d.")
+@click.option("--dry-run", is_flag=True, help="Report what would be removed; remove nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def gc(data_dir: Path, grace: str, dry_run: bool, as_json: bool) -> None:
+    """Remove blobs that no published version lists (abandoned uploads) once past the grace period.
+
+    Safe while `soppu-registry serve` runs: each removal is one write transaction, serialized with
+    publishing, and a blob a client has just checked or re-sent is kept.
+    """
+    grace_s = _seconds(grace)
+    if not (data_dir / "registry.sqlite3").is_file():
+        _fail(f"{data_dir} is not a registry data directory (no registry.sqlite3)", 2)
+    report = _run(lambda: Storage(data_dir).gc_blobs(grace_s, dry_run=dry_run))
+    if as_json:
+        click.echo(json.dumps({"ok": True, "grace_seconds": grace_s, **report}))
+    else:
+        verb = "would remove" if dry_run else "removed"
+        click.echo(f"{verb} {len(report['removed'])} unpublished blob(s), {report['bytes']:,} bytes; kept "
+                   f"{report['kept_referenced']} published and {report['kept_recent']} within the grace period")
 
 
 if __name__ == "__main__":

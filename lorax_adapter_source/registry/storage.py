@@ -6,6 +6,12 @@ Layout of a data dir::
     <data>/blobs/sha256/ab/<hex>     immutable blobs, named by their sha256
     <data>/tmp/                      partial uploads; emptied when a server starts
 
+Blobs no published version lists (uploads never published, e.g. an abandoned upload) are removed
+by ``soppu-registry gc`` once untouched for a grace period; a HEAD or PUT of a blob makes it fresh
+again, so a client between "the registry has it" and "publish" keeps it. Deleting a blob happens
+inside a write transaction, serialized with ``publish`` (which re-checks its blobs inside its own):
+a version never lists a blob that is gone.
+
 Every blob write is temp file + fsync + rename + fsync(dir); every metadata write is one SQLite
 transaction (``synchronous=FULL``), so a crash at any point leaves either the old state or the new.
 A version row is inserted only after its signature, manifest and every blob were checked.
@@ -155,6 +161,7 @@ class BlobWriter:
             final = self.store.blob_path(self.hex)
             if final.exists():
                 self.abort()
+                self.store.touch_blob(self.hex)
                 return BlobWriteResult(f"sha256:{self.hex}", self.size, False)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.tmp, final)
@@ -232,6 +239,46 @@ class Storage:
             return self.blob_path(hex_digest).stat().st_size
         except FileNotFoundError:
             return None
+
+    def touch_blob(self, hex_digest: str) -> None:
+        """Restart a blob's grace period for ``gc`` (a client just asked for it or re-sent it)."""
+        try:
+            os.utime(self.blob_path(hex_digest))
+        except FileNotFoundError:
+            pass
+
+    def gc_blobs(self, grace_seconds: float, *, dry_run: bool = False,
+                 now: float | None = None) -> dict[str, Any]:
+        """Remove blobs that no published version lists and that nobody touched for ``grace_seconds``.
+
+        Returns {"removed": [hex...], "bytes": freed, "kept_referenced": n, "kept_recent": n}. Safe
+        while a server runs: each removal is decided and done inside a write transaction.
+        """
+        removed, freed, referenced, recent = [], 0, 0, 0
+        for path in sorted(self.blob_dir.glob("*/*")):
+            hexd = path.name
+            if not re.fullmatch(r"[0-9a-f]{64}", hexd) or path.parent.name != hexd[:2]:
+                continue
+            with self.tx() as db:
+                if db.execute("SELECT 1 FROM version_files WHERE sha256=? LIMIT 1", (hexd,)).fetchone():
+                    referenced += 1
+                    continue
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                if (now if now is not None else time.time()) - st.st_mtime < grace_seconds:
+                    recent += 1
+                    continue
+                if not dry_run:
+                    path.unlink()
+                removed.append(hexd)
+                freed += st.st_size
+        if removed and not dry_run:
+            for d in {self.blob_dir / h[:2] for h in removed}:
+                fsync_dir(d)
+        return {"removed": removed, "bytes": freed, "kept_referenced": referenced, "kept_recent": recent,
+                "dry_run": dry_run}
 
     def blob_writer(self, hex_digest: str, expected_size: int | None, max_bytes: int) -> BlobWriter:
         return BlobWriter(self, hex_digest, expected_size, max_bytes)

@@ -1,0 +1,95 @@
+"""`soppu-registry gc` on a running server: unpublished blobs past the grace period go, published
+ones and recently touched ones stay, and a version never lists a removed blob."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+from regkit import REGISTRY_BIN, Server, auth, error_code, new_owner, publish, put_blob, upload_blobs
+
+from lorax_adapter_source.registry.auth import issue_token
+from lorax_adapter_source.registry.storage import Storage
+from soppu_client import signing
+
+
+def gc(data: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REGISTRY_BIN), "gc", "--data", str(data), *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def statement_files(bundle: Path) -> dict[str, str]:
+    return {f["path"]: f["sha256"] for f in signing.read_signature(bundle)["statement"]["files"]}
+
+
+def test_gc_removes_only_stale_unpublished_blobs(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    server = Server(data, "--rate", "0").start()
+    try:
+        store = Storage(data)
+        owner = new_owner(store, "gcowner", tmp_path / "keys")
+        _, serving = issue_token(store, None, ["serving-read"])
+        published = owner.bundle(tmp_path / "published", adapters=("kept",), seed=1)
+        upload_blobs(server.url, owner.write_token, published)
+        doc = signing.read_signature(published)
+        assert publish(server.url, owner.write_token, owner.name, "kept", 1, doc).status_code == 201
+        abandoned = owner.bundle(tmp_path / "abandoned", adapters=("gone",), seed=2)
+        upload_blobs(server.url, owner.write_token, abandoned)
+        stray = os.urandom(4096)
+        stray_hex = hashlib.sha256(stray).hexdigest()
+        assert put_blob(server.url, owner.write_token, stray).status_code == 201
+
+        pub_files, ab_files = statement_files(published), statement_files(abandoned)
+        all_blobs = {*pub_files.values(), *ab_files.values(), stray_hex}
+        assert all(store.blob_path(h).is_file() for h in all_blobs)
+
+        # Everything is recent: nothing goes.
+        report = json.loads(gc(data, "--grace", "1h", "--json").stdout)
+        assert report["removed"] == [] and report["kept_recent"] == len(all_blobs) - len(pub_files)
+        assert report["kept_referenced"] == len(pub_files)
+
+        # Two hours later; a client HEADs the abandoned bundle's core (about to publish it): it stays.
+        past = time.time() - 2 * 3600
+        for h in all_blobs:
+            os.utime(store.blob_path(h), (past, past))
+        core_hex = ab_files["cores/gone.safetensors"]
+        r = requests.head(f"{server.url}/v1/blobs/sha256:{core_hex}", headers=auth(owner.write_token), timeout=10)
+        assert r.status_code == 200
+        stale = sorted({*ab_files.values(), stray_hex} - {core_hex})
+
+        dry = json.loads(gc(data, "--grace", "1h", "--dry-run", "--json").stdout)
+        assert dry["dry_run"] is True and sorted(dry["removed"]) == stale
+        assert all(store.blob_path(h).is_file() for h in all_blobs)  # a dry run removes nothing
+
+        proc = gc(data, "--grace", "1h")
+        assert proc.returncode == 0, proc.stderr
+        assert f"removed {len(stale)} unpublished blob(s)" in proc.stdout
+        assert not any(store.blob_path(h).exists() for h in stale)
+        assert store.blob_path(core_hex).is_file()
+        for rel, h in pub_files.items():  # published blobs stay, and still download
+            r = requests.get(f"{server.url}/v1/blobs/sha256:{h}", headers=auth(serving), timeout=10)
+            assert r.status_code == 200 and hashlib.sha256(r.content).hexdigest() == h, rel
+
+        # Publishing the abandoned bundle now is refused (its basis is gone), never half-listed...
+        doc = signing.read_signature(abandoned)
+        r = publish(server.url, owner.write_token, owner.name, "gone", 1, doc)
+        assert r.status_code == 400 and error_code(r) == "missing_blob"
+        # ...and works once the client sends the blobs again.
+        upload_blobs(server.url, owner.write_token, abandoned)
+        assert publish(server.url, owner.write_token, owner.name, "gone", 1, doc).status_code == 201
+    finally:
+        server.stop()
+
+
+def test_gc_bad_input(tmp_path: Path) -> None:
+    proc = gc(tmp_path / "nothing-here")
+    assert proc.returncode == 2 and "is not a registry data directory" in proc.stderr
+    Storage(tmp_path / "d")
+    proc = gc(tmp_path / "d", "--grace", "soon")
+    assert proc.returncode == 2 and "is not a duration such as 90s, 30m, 24h or 7d" in proc.stderr
+    assert "Traceback" not in proc.stderr
