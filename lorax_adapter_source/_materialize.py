@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import threading
 import time
 from contextlib import ExitStack
@@ -32,48 +31,22 @@ from typing import Any
 
 from soppu_client import signing
 from soppu_client.bundle import BASIS, MANIFEST, Bundle, core_path, export_peft
-from soppu_client.errors import BundleError, InputError, RegistryError, SignatureError, SoppuError, VerificationError
+from soppu_client.errors import (
+    BundleError,
+    InputError,
+    RegistryError,
+    SignatureError,
+    SoppuError,
+    VerificationError,
+)
 from soppu_client.export_compressed import BASIS_FILE, write_compressed_files
-from soppu_client.registry_client import BlobDigestError, RegistryClient
-
 from soppu_client.fsutil import fsync_tree
+from soppu_client.refs import AdapterRef
+from soppu_client.registry_client import BlobDigestError, RegistryClient
 
 from ._cache import MARKER, Cache, fsync_dir
 
-OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class AdapterRef:
-    """``owner/name[@version]`` parsed; ``version`` None means the latest published."""
-
-    owner: str
-    name: str
-    version: int | None = None
-
-    @classmethod
-    def parse(cls, adapter_id: str, revision: str | None = None) -> "AdapterRef":
-        text = (adapter_id or "").strip()
-        version: int | None = None
-        if "@" in text:
-            text, _, v = text.rpartition("@")
-            if not v.isdigit():
-                raise InputError(f"soppu adapter id {adapter_id!r}: version after '@' must be an integer, got {v!r}")
-            version = int(v)
-        elif revision and str(revision).isdigit():
-            version = int(revision)
-        owner, sep, name = text.partition("/")
-        if not sep or not OWNER_RE.match(owner) or not NAME_RE.match(name):
-            raise InputError(
-                f"soppu adapter id {adapter_id!r} must look like `owner/name` or `owner/name@version` "
-                f"(owner {OWNER_RE.pattern}, name {NAME_RE.pattern})"
-            )
-        return cls(owner, name, version)
-
-    def __str__(self) -> str:
-        return f"{self.owner}/{self.name}" + (f"@{self.version}" if self.version is not None else "")
 
 
 @dataclass

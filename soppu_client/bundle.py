@@ -20,6 +20,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +73,24 @@ def publish_dir(tmp: Path, out: Path, *, force: bool) -> None:
     fsync_dir(out.parent)
 
 
+@contextmanager
+def staged_dir(out: str | Path, *, force: bool) -> Iterator[Path]:
+    """An empty temp dir beside ``out`` to write into; when the block ends without an error it is
+    published at ``out`` (fsynced, renamed; an existing ``out`` replaced only with ``force``), and
+    in every case nothing half-written is left behind."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not force:
+        raise InputError(f"{out} already exists; choose another output path or pass --force to replace it")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        publish_dir(tmp, out, force=force)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 class BundleBuilder:
     """Accumulates bases and cores module by module, then writes the bundle atomically."""
 
@@ -103,12 +123,7 @@ class BundleBuilder:
     def write(self, out: Path, manifest: dict, *, extra_files: dict[str, bytes] | None = None, force: bool = False) -> dict:
         """Write basis, cores, ``extra_files`` and the manifest (listing every file's digest) to
         ``out`` all-or-nothing; return the manifest as written."""
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists() and not force:
-            raise InputError(f"{out} already exists; choose another output path or pass --force to replace it")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with staged_dir(out, force=force) as tmp:
             (tmp / "cores").mkdir()
             if self.reuse_basis is not None:
                 shutil.copyfile(self.reuse_basis, tmp / BASIS)
@@ -123,10 +138,6 @@ class BundleBuilder:
                 files[rel] = {"sha256": sha256_file(tmp / rel), "size": (tmp / rel).stat().st_size}
             manifest = dict(manifest, modules={m: {"shape": s} for m, s in self.shapes.items()}, files=files)
             (tmp / MANIFEST).write_text(canonical_dumps(manifest), encoding="utf-8")
-            publish_dir(tmp, out, force=force)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return manifest
 
 
@@ -294,21 +305,15 @@ def export_peft(
         bundle = Bundle.open(bundle)
     torch_dtype = TORCH_DTYPES[dtype]
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not force:
+    if out.exists() and not force:  # before any tensor work
         raise InputError(f"{out} already exists; choose another output path or pass --force to replace it")
     tensors = {}
     for module, lora_a, lora_b in bundle.delta_factors(name, basis):
         tensors[f"base_model.model.{module}.lora_A.weight"] = lora_a.to(torch_dtype)
         tensors[f"base_model.model.{module}.lora_B.weight"] = lora_b.to(torch_dtype)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out, force=force) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(canonical_dumps(peft_config_for(bundle)), encoding="utf-8")
-        publish_dir(tmp, out, force=force)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -104,7 +104,8 @@ def project(adapter_dirs, onto, published, registry, token, public_key, out, for
     from . import signing
     from .errors import InputError
     from .registry_client import RegistryClient
-    from .registry_fetch import PublishedRef, fetch_published_basis
+    from .refs import AdapterRef
+    from .registry_fetch import fetch_published_basis
 
     with reporting(as_json), tempfile.TemporaryDirectory(prefix="soppu-basis-") as scratch:
         if (onto is None) == (published is None):
@@ -113,7 +114,7 @@ def project(adapter_dirs, onto, published, registry, token, public_key, out, for
         if published is not None:
             if not registry:
                 raise InputError("--onto-published needs --registry URL (or $SOPPU_REGISTRY)")
-            ref = PublishedRef.parse(published)
+            ref = AdapterRef.parse(published, label="--onto-published")
             pub = signing.load_public_key(public_key) if public_key else None
             onto, statement = fetch_published_basis(RegistryClient(registry, token), ref, Path(scratch) / "basis",
                                                     public_key=pub)

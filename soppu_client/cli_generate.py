@@ -11,7 +11,6 @@ Exit codes: 0 ok, 1 the server refused or could not be reached, 2 bad usage.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,12 +19,14 @@ import click
 
 __all__ = ["COMMANDS", "generate"]
 
-_ADAPTER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}/[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@\d+)?$")
-
-
 def _check_adapter(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    if not _ADAPTER_RE.match(value):
-        raise click.BadParameter(f"must look like `owner/name` or `owner/name@version`, got {value!r}")
+    from .errors import InputError
+    from .refs import AdapterRef
+
+    try:
+        AdapterRef.parse(value, label="adapter")
+    except InputError as e:
+        raise click.BadParameter(str(e)) from None
     return value
 
 

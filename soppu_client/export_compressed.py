@@ -20,14 +20,11 @@ bundle gets a byte-identical basis.safetensors: its sha256 is the serving side's
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .bundle import BASIS, Bundle, basis_key, publish_dir
-from .errors import InputError
+from .bundle import BASIS, Bundle, basis_key, staged_dir
 from .fsutil import file_digest
 
 FORMAT = "soppu-compressed/1"
@@ -87,15 +84,7 @@ def export_compressed(bundle: Bundle | str | Path, name: str, out_dir: str | Pat
     """Write adapter ``name`` of ``bundle`` as a compressed adapter dir at ``out_dir`` (atomic)."""
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle)
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not force:
-        raise InputError(f"{out} already exists; choose another output path or pass --force to replace it")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    bundle.adapter_entry(name)  # an unknown name fails before anything is written
+    with staged_dir(out_dir, force=force) as tmp:
         write_compressed_files(bundle, name, tmp)
-        publish_dir(tmp, out, force=force)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)

@@ -16,10 +16,8 @@ result opens with ``Bundle.open(dest, verify_digests=False)`` (the cores it list
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,32 +25,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from . import signing
 from .bundle import BASIS, MANIFEST, Bundle
-from .errors import BundleError, InputError, RegistryError, SignatureError, VerificationError
+from .errors import (
+    BundleError,
+    InputError,
+    RegistryError,
+    SignatureError,
+    VerificationError,
+)
+from .refs import AdapterRef
 from .registry_client import BlobDigestError, RegistryClient
 
-__all__ = ["PublishedRef", "fetch_published_basis"]
-
-_REF = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,63})/([A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:@([0-9]+))?$")
-
-
-@dataclass(frozen=True)
-class PublishedRef:
-    """``owner/name[@version]``; version None: the latest published."""
-
-    owner: str
-    name: str
-    version: int | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> PublishedRef:
-        m = _REF.match(text.strip())
-        if not m:
-            raise InputError(f"published adapter {text!r} must look like `owner/name` or `owner/name@version`")
-        return cls(m.group(1), m.group(2), int(m.group(3)) if m.group(3) else None)
-
-    def __str__(self) -> str:
-        return f"{self.owner}/{self.name}" + (f"@{self.version}" if self.version is not None else "")
-
+__all__ = ["fetch_published_basis"]
 
 def _check_manifest(manifest: Any, statement: dict[str, Any], label: str) -> None:
     if not isinstance(manifest, dict):
@@ -69,14 +52,14 @@ def _check_manifest(manifest: Any, statement: dict[str, Any], label: str) -> Non
         raise VerificationError(f"{label}: manifest does not match its signature: " + "; ".join(problems))
 
 
-def fetch_published_basis(client: RegistryClient, ref: PublishedRef | str, dest: str | Path, *,
+def fetch_published_basis(client: RegistryClient, ref: AdapterRef | str, dest: str | Path, *,
                           public_key: Ed25519PublicKey | None = None) -> tuple[Bundle, dict[str, Any]]:
     """Download and verify the manifest and basis of ``ref`` into the new dir ``dest`` (atomic).
 
     Returns (the basis-only bundle, the verified signed statement).
     """
     if isinstance(ref, str):
-        ref = PublishedRef.parse(ref)
+        ref = AdapterRef.parse(ref, label="published adapter")
     dest = Path(dest)
     if dest.exists():
         raise InputError(f"{dest} already exists; choose another directory")

@@ -37,6 +37,17 @@ def lorax_python() -> str:
     return value
 
 
+def lorax_env(patched: Path, **extra: str) -> dict[str, str]:
+    """Environment for a script run under LORAX_PYTHON on ``patched``: LoRAX's server, this repo and
+    kernels/ on PYTHONPATH, CPU settings, offline hub. TRITON_INTERPRET is dropped: scripts/test.sh
+    sets it for this repo's kernels, but LoRAX decorates its own Triton kernels at import time in a
+    way the interpreter breaks; on CPU LoRAX takes its pure-PyTorch paths anyway."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update({"PYTHONPATH": os.pathsep.join([str(patched / "server"), str(REPO), str(REPO / "kernels")]),
+                "DISABLE_SGMV": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra})
+    return env
+
+
 def copy_lorax(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".git", "pb", "__pycache__", "*.pyc"), symlinks=True)
     return dest

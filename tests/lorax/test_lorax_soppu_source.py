@@ -9,14 +9,13 @@ adapter; both must give the same layer outputs.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import srckit
 import torch
-from loraxkit import REPO, lorax_python
+from loraxkit import lorax_env, lorax_python
 from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.lorax
@@ -39,9 +38,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory):
 
 
 def run_lorax_side(patched: Path, reg, cache: Path, inputs: Path, out: Path, adapter_id: str, token: str):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(patched / "server"), str(REPO)]),
-           "DISABLE_SGMV": "1", "SOPPU_REGISTRY_URL": reg.url, "SOPPU_CACHE_DIR": str(cache),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = lorax_env(patched, SOPPU_REGISTRY_URL=reg.url, SOPPU_CACHE_DIR=str(cache))
     args = {"adapter_id": adapter_id, "token": token, "model_id": srckit.BASE_MODEL, "n_layers": N_LAYERS,
             "inputs": str(inputs), "out": str(out)}
     return subprocess.run([lorax_python(), str(Path(__file__).with_name("lorax_side.py")), json.dumps(args)],

@@ -9,13 +9,12 @@ SOPPU_SERVE_FORMAT=compressed: fetched, verified and written into the cache by t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from compressedkit import MODULES, N_LAYERS, REPO, peft_layer
+from compressedkit import MODULES, N_LAYERS, peft_layer
 from safetensors.torch import load_file, save_file
 from srckit import BASE_MODEL
 
@@ -53,9 +52,7 @@ def _run_side(patched: Path, peft_model, adapters: list[str], source: str, tmp_p
     args = {"adapters": adapters, "source": source, "model_id": BASE_MODEL, "n_layers": N_LAYERS,
             "token_adapter": TOKEN_ADAPTER, "inputs": str(tmp_path / "in.safetensors"),
             "out": str(tmp_path / "out.safetensors")}
-    env = {**os.environ, "DISABLE_SGMV": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(patched / "server"), str(REPO), str(REPO / "kernels")]),
-           **(env_extra or {})}
+    env = lx.lorax_env(patched, **(env_extra or {}))
     proc = subprocess.run([lx.lorax_python(), str(Path(__file__).with_name("lorax_compressed_side.py")),
                            json.dumps(args)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -189,3 +189,19 @@ def version_record(reg: Registry, name: str) -> dict:
                      headers={"Authorization": f"Bearer {reg.serving_token}"}, timeout=10)
     r.raise_for_status()
     return r.json()
+
+
+def edit_signature(reg: Registry, name: str, change) -> None:
+    """Rewrite the stored signature document of ``<owner>/<name>`` in the registry's SQLite file
+    (what a compromised registry could serve); ``change`` edits the parsed document in place."""
+    import sqlite3
+
+    db = sqlite3.connect(reg.data / "registry.sqlite3")
+    try:
+        (text,) = db.execute("SELECT signature FROM versions WHERE owner=? AND name=?", (reg.owner, name)).fetchone()
+        doc = json.loads(text)
+        change(doc)
+        with db:
+            db.execute("UPDATE versions SET signature=? WHERE owner=? AND name=?", (json.dumps(doc), reg.owner, name))
+    finally:
+        db.close()

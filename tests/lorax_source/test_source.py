@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -125,13 +124,8 @@ def test_tampered_blob_is_refused_and_nothing_is_cached(published, source_env: P
 def test_tampered_signature_is_refused_and_nothing_is_cached(published, source_env: Path) -> None:
     reg = published.registry
     srckit.publish_fresh(published, ("ts0",), seed=200)
-    db = sqlite3.connect(reg.data / "registry.sqlite3")
-    (sig_text,) = db.execute("SELECT signature FROM versions WHERE owner=? AND name='ts0'", (reg.owner,)).fetchone()
-    sig = json.loads(sig_text)
-    sig["statement"]["expires_at"] = "2999-01-01T00:00:00Z"  # a longer life than the owner signed
-    with db:
-        db.execute("UPDATE versions SET signature=? WHERE owner=? AND name='ts0'", (json.dumps(sig), reg.owner))
-    db.close()
+    # a longer life than the owner signed
+    srckit.edit_signature(reg, "ts0", lambda sig: sig["statement"].update(expires_at="2999-01-01T00:00:00Z"))
     with pytest.raises(SignatureError, match=r"soppu adapter alice/ts0@1: bad signature: signature does not verify"):
         SoppuModelSource(f"{reg.owner}/ts0", api_token=reg.serving_token).download_model_assets()
     assert srckit.cache_files(source_env) == []
@@ -163,14 +157,12 @@ def test_latest_follows_new_versions_and_pins_stay(published, source_env: Path) 
 def test_signature_naming_an_unregistered_key_is_refused(published, source_env: Path) -> None:
     reg = published.registry
     srckit.publish_fresh(published, ("tk0",), seed=250)
-    db = sqlite3.connect(reg.data / "registry.sqlite3")
-    (sig_text,) = db.execute("SELECT signature FROM versions WHERE owner=? AND name='tk0'", (reg.owner,)).fetchone()
-    sig = json.loads(sig_text)
-    assert sig["key_id"].startswith("ed25519:")
-    sig["key_id"] = "ed25519:" + "0" * 32  # a key the owner never registered
-    with db:
-        db.execute("UPDATE versions SET signature=? WHERE owner=? AND name='tk0'", (json.dumps(sig), reg.owner))
-    db.close()
+
+    def other_key(sig: dict) -> None:
+        assert sig["key_id"].startswith("ed25519:")
+        sig["key_id"] = "ed25519:" + "0" * 32  # a key the owner never registered
+
+    srckit.edit_signature(reg, "tk0", other_key)
     with pytest.raises(SignatureError, match=r"soppu adapter alice/tk0: bad signature: the signature names key "
                                              r"'ed25519:0{32}', which is not a registered key of owner 'alice'"):
         SoppuModelSource(f"{reg.owner}/tk0", api_token=reg.serving_token).download_model_assets()
