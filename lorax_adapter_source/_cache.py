@@ -29,6 +29,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from soppu_client.errors import InputError
 from soppu_client.fsutil import file_digest, fsync_dir
 
 MARKER = "soppu_source.json"
@@ -47,8 +48,6 @@ def serve_form(value: str | None = None) -> str:
     """
     form = (value if value is not None else os.environ.get("SOPPU_SERVE_FORMAT", "") or "peft").strip().lower()
     if form not in FORMS:
-        from soppu_client.errors import InputError
-
         raise InputError(f"SOPPU_SERVE_FORMAT={form!r} is not a serving form; use one of {', '.join(FORMS)}")
     return form
 

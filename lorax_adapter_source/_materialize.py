@@ -43,6 +43,7 @@ from soppu_client.export_compressed import BASIS_FILE, write_compressed_files
 from soppu_client.fsutil import fsync_tree
 from soppu_client.refs import AdapterRef
 from soppu_client.registry_client import BlobDigestError, RegistryClient
+from soppu_client.registry_fetch import check_manifest
 
 from ._cache import MARKER, Cache, fsync_dir
 
@@ -207,28 +208,6 @@ def _download(client: RegistryClient, ref: AdapterRef, version: int, entry: dict
         raise _explain(e, ref, url, f"downloading {entry['path']}") from None
 
 
-def _check_manifest(manifest: dict[str, Any], statement: dict[str, Any], ref: AdapterRef, version: int,
-                    needed: list[str]) -> None:
-    by_path = {f["path"]: f for f in statement["files"]}
-    problems = []
-    if manifest.get("base_model") != statement["base_model"]:
-        problems.append(f"base_model {manifest.get('base_model')!r} != signed {statement['base_model']!r}")
-    adapters = manifest.get("adapters")
-    if not isinstance(adapters, dict) or ref.name not in adapters:
-        problems.append(f"manifest.json has no adapter {ref.name!r}")
-    mfiles = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
-    for rel in needed:
-        if rel not in by_path:
-            problems.append(f"{rel} is not in the signed statement")
-            continue
-        m = mfiles.get(rel)
-        if not isinstance(m, dict) or m.get("sha256") != by_path[rel]["sha256"] or m.get("size") != by_path[rel]["size"]:
-            problems.append(f"{rel}: manifest entry {m!r} differs from the signed statement")
-    if problems:
-        raise VerificationError(f"soppu adapter {ref}@{version}: manifest does not match its signature: "
-                                + "; ".join(problems))
-
-
 def _provenance(url: str, resolved: Resolved, statement: dict[str, Any], files: list[dict[str, Any]]) -> dict:
     return {
         "format": "soppu-source/1",
@@ -340,9 +319,7 @@ def _build(ref: AdapterRef, resolved: Resolved, statement: dict[str, Any], url: 
                 manifest = json.loads(sources[MANIFEST].read_bytes())
             except (ValueError, UnicodeDecodeError) as e:
                 raise BundleError(f"soppu adapter {ref}@{version}: manifest.json is not valid JSON ({e})") from None
-            if not isinstance(manifest, dict):
-                raise BundleError(f"soppu adapter {ref}@{version}: manifest.json is not a JSON object")
-            _check_manifest(manifest, statement, ref, version, [BASIS, core])
+            check_manifest(manifest, statement, f"soppu adapter {ref}@{version}", [BASIS, core], adapter=ref.name)
             for rel, src in sources.items():
                 _link_or_copy(src, bundle_dir / rel)
             out = stage / cache.form

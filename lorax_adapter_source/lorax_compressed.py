@@ -36,7 +36,6 @@ row-parallel: split on d_in, all-reduced), U like lora_B (split on d_out).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import threading
@@ -48,7 +47,14 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from soppu_client.export_compressed import BASIS_FILE, CONFIG_FILE, CORES_FILE, FORMAT, PEFT_TYPE
+from soppu_client.export_compressed import (
+    BASIS_FILE,
+    CONFIG_FILE,
+    CORES_FILE,
+    FORMAT,
+    PEFT_TYPE,
+)
+from soppu_client.fsutil import file_digest
 
 ADAPTER_TYPE = "soppu"  # key of the batch data in LoRAX's AdapterBatchData.data[layer_type]
 
@@ -67,33 +73,12 @@ __all__ = [
     "load_compressed",
     "load_lorax_config",
     "lorax_types",
-    "materialize_compressed",
     "read_compressed_config",
 ]
 
 
 class CompressedAdapterError(ValueError):
     """A compressed adapter directory is malformed or does not match its config."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing (project side): bundle -> compressed adapter dir
-# ---------------------------------------------------------------------------------------------
-def materialize_compressed(bundle_dir: str | Path, adapter_name: str, out_dir: str | Path, *,
-                           force: bool = False) -> Path:
-    """Write adapter ``adapter_name`` of the bundle at ``bundle_dir`` as a compressed adapter dir
-    (digests checked, published atomically); see :func:`soppu_client.export_compressed.export_compressed`."""
-    from soppu_client.export_compressed import export_compressed
-
-    return export_compressed(bundle_dir, adapter_name, out_dir, force=force)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +116,8 @@ def _check_file(adapter_dir: Path, entry: dict) -> Path:
     path = adapter_dir / entry["file"]
     if not path.is_file():
         raise CompressedAdapterError(f"compressed adapter {adapter_dir}: {entry['file']} is missing")
-    if path.stat().st_size != entry["size"] or not hmac.compare_digest(_sha256(path), str(entry["sha256"])):
+    digest, size = file_digest(path)
+    if size != entry["size"] or not hmac.compare_digest(digest, str(entry["sha256"])):
         raise CompressedAdapterError(f"compressed adapter {adapter_dir}: {entry['file']} does not match its "
                                      f"size / sha256 in {CONFIG_FILE}")
     return path

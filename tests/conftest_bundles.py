@@ -24,25 +24,27 @@ def _digest(path: Path) -> dict:
 
 
 def make_bundle(root: Path, adapters: tuple[str, ...] = ("a", "b"), *, seed: int = 0,
-                base_model: str = BASE_MODEL) -> Path:
-    """Write a valid method-"full" bundle with the given adapters under ``root``; return it."""
+                base_model: str = BASE_MODEL, method: str = "full", rank: int = RANK) -> Path:
+    """Write a valid bundle (method "full": [k, k] cores; "diag": [k]) with the given adapters
+    under ``root``; return it."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "cores").mkdir(exist_ok=True)
     basis = {}
     for mod, (d_out, d_in) in MODULES.items():
-        basis[f"{mod}.U"] = rng.standard_normal((d_out, RANK)).astype(np.float32)
-        basis[f"{mod}.V"] = rng.standard_normal((d_in, RANK)).astype(np.float32)
+        basis[f"{mod}.U"] = rng.standard_normal((d_out, rank)).astype(np.float32)
+        basis[f"{mod}.V"] = rng.standard_normal((d_in, rank)).astype(np.float32)
     save_file(basis, str(root / "basis.safetensors"))
     for name in adapters:
-        core = {f"{mod}.S": rng.standard_normal((RANK, RANK)).astype(np.float32) for mod in MODULES}
+        shape = (rank, rank) if method == "full" else (rank,)
+        core = {f"{mod}.S": rng.standard_normal(shape).astype(np.float32) for mod in MODULES}
         save_file(core, str(root / "cores" / f"{name}.safetensors"))
     files = {"basis.safetensors": _digest(root / "basis.safetensors")}
     for name in adapters:
         rel = f"cores/{name}.safetensors"
         files[rel] = _digest(root / rel)
     manifest = {
-        "format": "soppu-bundle/1", "base_model": base_model, "method": "full", "rank": RANK,
+        "format": "soppu-bundle/1", "base_model": base_model, "method": method, "rank": rank,
         "dtype": "float32", "clusters": 1,
         "peft": {"target_modules": ["q_proj", "v_proj"], "fan_in_fan_out": False, "task_type": "CAUSAL_LM"},
         "modules": {mod: {"shape": list(shape)} for mod, shape in MODULES.items()},

@@ -5,7 +5,7 @@ get_model_source / get_config_path / get_local_dir, the enum <-> string function
 download_adapter_weights, load_adapter_config, load_module_map, then LoraWeights.load,
 BatchLoraWeights (via AdapterBatchData.from_meta, a decode batch) and the pure-PyTorch
 forward_lora path of TensorParallelMultiAdapterLinear. Writes the layer outputs to a safetensors file and prints one
-JSON report line. The only non-LoRAX object is ``_CpuModel``: the four attributes LoraWeights.load
+JSON report line. The only non-LoRAX object is ``lorax_cpu_model.CpuModel``: what LoraWeights.load
 reads from a loaded model, with LoRAX's own ``Model.shard_lora_weights``.
 
 argv[1]: JSON {"adapter_id", "token", "model_id", "n_layers", "inputs": path, "out": path}
@@ -27,17 +27,13 @@ from lorax_server.adapters import load_adapter_config  # noqa: E402
 from lorax_server.adapters.lora import LoraWeights  # noqa: E402
 from lorax_server.adapters.utils import download_adapter_weights  # noqa: E402
 from lorax_server.adapters.weights import AdapterBatchData, AdapterBatchMetadata, LayerAdapterWeights  # noqa: E402
-from lorax_server.layers.linear import get_linear  # noqa: E402
-from lorax_server.layers.tensor_parallel import TensorParallelColumnLinear  # noqa: E402
-from lorax_server.models.model import Model  # noqa: E402
 from lorax_server.pb import generate_pb2  # noqa: E402
 from lorax_server.utils.adapter import (  # noqa: E402
     adapter_source_enum_to_string,
     enum_string_to_adapter_source,
     load_module_map,
 )
-from lorax_server.utils.dist import FakeGroup  # noqa: E402
-from lorax_server.utils.layers import TensorParallelMultiAdapterLinear  # noqa: E402
+from lorax_cpu_model import build_cpu_model  # noqa: E402  (beside this script)
 from lorax_server.utils.punica import has_sgmv  # noqa: E402
 from lorax_server.utils.sources import get_config_path, get_local_dir, get_model_source  # noqa: E402
 
@@ -71,33 +67,9 @@ module_map, adapter_config, used, _tokenizer = load_module_map(model_id, adapter
 report["module_map"] = sorted(module_map)
 
 
-class _CpuModel:
-    """What LoraWeights.load reads from a loaded LoRAX model; sharding is LoRAX's own method."""
-
-    shard_lora_weights = Model.shard_lora_weights
-
-    def __init__(self, layers: dict[tuple[int, str], tuple[str, torch.nn.Module]]):
-        self.target_to_layer = layers
-        self.dtype = torch.float32
-        self.world_size = 1
-        self.process_group = FakeGroup(0, 1)
-
-    def get_num_layers_for_type(self, layer_type: str) -> int:
-        return n_layers
-
-    def is_row_parallel(self, layer_type: str) -> bool:
-        return False
-
-
 inputs = load_file(args["inputs"])
-pg = FakeGroup(0, 1)
-layers = {}
-for i in range(n_layers):
-    for t in layer_types:
-        base = TensorParallelColumnLinear(get_linear(inputs[f"{i}.{t}.weight"], bias=None, quantize=None))
-        layers[(i, t)] = (f"model.layers.{i}.self_attn.{t}",
-                          TensorParallelMultiAdapterLinear.load(base, i, [t], sizes=None, process_group=pg))
-model = _CpuModel(layers)
+model = build_cpu_model(inputs, n_layers, layer_types)
+layers = model.target_to_layer
 
 x = inputs["x"]
 n_tokens = x.shape[0]

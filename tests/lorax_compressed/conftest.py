@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lorax"))
 def compressed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     import srckit
 
-    from lorax_adapter_source.lorax_compressed import materialize_compressed
     from soppu_client.bundle import export_peft
     from soppu_client.compress import CompressConfig
     from soppu_client.compressor import compress_adapters
+    from soppu_client.export_compressed import export_compressed
 
     tmp = tmp_path_factory.mktemp("compressed")
     a = [srckit.write_adapter(tmp / "src" / f"a{i}", seed=20 + i, rank=4) for i in range(2)]
@@ -30,7 +30,7 @@ def compressed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = {"tmp": tmp, "bundles": {"a0": tmp / "bundle_full", "a1": tmp / "bundle_full", "b0": tmp / "bundle_diag"},
            "dirs": {}, "peft": {}}
     for name, bundle in out["bundles"].items():
-        out["dirs"][name] = materialize_compressed(bundle, name, tmp / "compressed" / name)
+        out["dirs"][name] = export_compressed(bundle, name, tmp / "compressed" / name)
         out["peft"][name] = export_peft(bundle, name, tmp / "peft" / name)
     return out
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,47 +24,21 @@ args = json.loads(sys.argv[1])
 
 from lorax_server.adapters.utils import download_adapter_weights  # noqa: E402
 from lorax_server.adapters.weights import AdapterBatchData, AdapterBatchMetadata, LayerAdapterWeights  # noqa: E402
-from lorax_server.layers.linear import get_linear  # noqa: E402
-from lorax_server.layers.tensor_parallel import TensorParallelColumnLinear  # noqa: E402
-from lorax_server.models.model import Model  # noqa: E402
 from lorax_server.utils.adapter import load_module_map  # noqa: E402
-from lorax_server.utils.dist import FakeGroup  # noqa: E402
-from lorax_server.utils.layers import TensorParallelMultiAdapterLinear  # noqa: E402
 
 from lorax_adapter_source import lorax_compressed as lc  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lorax"))
+from lorax_cpu_model import build_cpu_model  # noqa: E402
 
 n_layers = int(args["n_layers"])
 layer_types = ("q_proj", "v_proj")
 weight_names = tuple(f"model.layers.{i}.self_attn.{t}" for i in range(n_layers) for t in layer_types)
 
 
-class _CpuModel:
-    """What load_batched_adapter_weights reads from a loaded LoRAX model; sharding is LoRAX's own method."""
-
-    shard_lora_weights = Model.shard_lora_weights
-
-    def __init__(self, layers):
-        self.target_to_layer = layers
-        self.dtype = torch.float32
-        self.world_size = 1
-        self.process_group = FakeGroup(0, 1)
-
-    def get_num_layers_for_type(self, layer_type: str) -> int:
-        return n_layers
-
-    def is_row_parallel(self, layer_type: str) -> bool:
-        return False
-
-
 inputs = load_file(args["inputs"])
-pg = FakeGroup(0, 1)
-layers = {}
-for i in range(n_layers):
-    for t in layer_types:
-        base = TensorParallelColumnLinear(get_linear(inputs[f"{i}.{t}.weight"], bias=None, quantize=None))
-        layers[(i, t)] = (f"model.layers.{i}.self_attn.{t}",
-                          TensorParallelMultiAdapterLinear.load(base, i, [t], sizes=None, process_group=pg))
-model = _CpuModel(layers)
+model = build_cpu_model(inputs, n_layers, layer_types)
+layers = model.target_to_layer
 
 source = args.get("source", "local")
 report = {"bytes": [], "types": [], "unused": [], "adapter_dirs": []}

@@ -1,15 +1,14 @@
 """Helpers for the registry tests: tiny hand-written bundles and real `soppu-registry serve` processes.
 
-Bundles follow TEAM_NOTES "Bundle format v1" and are written with the safetensors library (not
-with soppu_client.bundle). Servers are subprocesses on 127.0.0.1 with a free port, real SQLite and
-real files; owners, keys and tokens are created directly on the data dir, as the admin CLI does.
+Bundles come from tests/conftest_bundles.py (written with the safetensors library, not with
+soppu_client.bundle). Servers are subprocesses on 127.0.0.1 with a free port, real SQLite and real
+files; owners, keys and tokens are created directly on the data dir, as the admin CLI does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import os
 import signal
 import socket
@@ -20,18 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import requests
-from safetensors.numpy import save_file
 
 from lorax_adapter_source.registry.auth import issue_token
 from lorax_adapter_source.registry.storage import Storage
 from soppu_client import signing
-from soppu_client.fsutil import file_digest as sha256_file
 
-BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-MODULES = {"model.layers.0.self_attn.q_proj": (6, 5), "model.layers.0.self_attn.v_proj": (3, 5)}
-RANK = 2
+import conftest_bundles  # tests/ is on sys.path (tests/registry/conftest.py)
+from conftest_bundles import BASE_MODEL, RANK  # noqa: F401  (BASE_MODEL re-exported for the registry tests)
+
 MAX_BLOB = 1 << 20
 FUTURE = "2099-01-01T00:00:00Z"
 REGISTRY_BIN = Path(sys.executable).with_name("soppu-registry")
@@ -41,33 +37,8 @@ _names = itertools.count()
 def make_bundle(root: Path, adapters: tuple[str, ...] = ("alpha", "beta"), *, seed: int | None = None,
                 method: str = "full", rank: int = RANK) -> Path:
     """Write a tiny valid bundle (unsigned) and return its directory; no seed: unique bytes."""
-    rng = np.random.default_rng(seed if seed is not None else 1_000_000 + next(_names))
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "cores").mkdir(exist_ok=True)
-    basis = {}
-    for mod, (d_out, d_in) in MODULES.items():
-        basis[f"{mod}.U"] = rng.standard_normal((d_out, rank)).astype(np.float32)
-        basis[f"{mod}.V"] = rng.standard_normal((d_in, rank)).astype(np.float32)
-    save_file(basis, str(root / "basis.safetensors"))
-    for a in adapters:
-        shape = (rank, rank) if method == "full" else (rank,)
-        save_file({f"{mod}.S": rng.standard_normal(shape).astype(np.float32) for mod in MODULES},
-                  str(root / "cores" / f"{a}.safetensors"))
-    files = {}
-    for rel in ["basis.safetensors", *(f"cores/{a}.safetensors" for a in adapters)]:
-        digest, size = sha256_file(root / rel)
-        files[rel] = {"sha256": digest, "size": size}
-    manifest = {
-        "format": "soppu-bundle/1", "base_model": BASE_MODEL, "method": method, "rank": rank,
-        "dtype": "float32", "clusters": 1,
-        "peft": {"target_modules": ["q_proj", "v_proj"], "fan_in_fan_out": False, "task_type": "CAUSAL_LM"},
-        "modules": {m: {"shape": list(s)} for m, s in MODULES.items()},
-        "adapters": {a: {"core": f"cores/{a}.safetensors", "cluster": 0, "source_rank": 8, "alpha": 16.0}
-                     for a in adapters},
-        "files": files, "fit": {}, "metrics": {},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    return root
+    return conftest_bundles.make_bundle(root, adapters, seed=seed if seed is not None else 1_000_000 + next(_names),
+                                        method=method, rank=rank)
 
 
 @dataclass
