@@ -36,10 +36,10 @@ import numpy as np
 import requests
 from safetensors.numpy import save_file
 
-from lorax_adapter_source.registry.auth import issue_token
-from lorax_adapter_source.registry.storage import Storage
-from soppu_client import signing
-from soppu_client.errors import SoppuError
+from soppu_registry.auth import issue_token
+from soppu_registry.storage import Storage
+from soppu_client.format import signing
+from soppu_client.format.errors import SoppuError
 from soppu_client.registry_client import RegistryClient
 
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"

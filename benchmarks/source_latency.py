@@ -152,7 +152,7 @@ def main() -> None:
         core_bytes = manifest["files"][f"cores/{adapters[0].name}.safetensors"]["size"]
 
         os.environ["SOPPU_REGISTRY_URL"] = url
-        from lorax_adapter_source._materialize import forget_resolutions
+        from soppu_serving.materialize import forget_resolutions
         from lorax_adapter_source.source import SoppuModelSource
 
         def load(adapter_id: str, cache: Path, form: str = "peft") -> tuple[float, SoppuModelSource]:

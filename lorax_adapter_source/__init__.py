@@ -3,6 +3,6 @@ compressed adapter type for a patched LoRAX. Imports nothing from LoRAX at impor
 
 from __future__ import annotations
 
-from .source import SoppuModelSource, get_soppu_local_dir
+from lorax_adapter_source.source import SoppuModelSource, get_soppu_local_dir
 
 __all__ = ["SoppuModelSource", "get_soppu_local_dir"]

@@ -17,7 +17,7 @@ Environment (LoRAX process):
     SOPPU_REGISTRY_TIMEOUT, SOPPU_REGISTRY_RETRIES   per-request timeout (30 s) and retries (2)
 
 Every lookup sends the request's token to the registry, so a cached adapter is still only served
-to a caller the registry lets read it. Errors are :class:`~soppu_client.errors.SoppuError`
+to a caller the registry lets read it. Errors are :class:`~soppu_client.format.errors.SoppuError`
 subclasses whose message names the adapter and the fix; LoRAX returns that message to the client.
 
 This module imports nothing from LoRAX at import time.
@@ -30,8 +30,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Optional
 
-from ._cache import LATEST, Cache
-from ._materialize import AdapterRef, FetchStats, Resolved, materialize, registry_url, resolve
+from soppu_serving.cache import LATEST, Cache
+from soppu_serving.materialize import AdapterRef, FetchStats, Resolved, materialize, registry_url, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
     from lorax_server.adapters.config import AdapterConfig

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AdapterValidationError, InputError, SafetensorsFormatError
+from soppu_client.format.errors import AdapterValidationError, InputError, SafetensorsFormatError
+from soppu_client.format.names import ADAPTER_NAME_RE
 
-ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CONFIG = "adapter_config.json"
 _WEIGHTS = "adapter_model.safetensors"
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
@@ -84,7 +84,7 @@ def default_adapter_name(path: Path) -> str:
 
 def _read_header(path: Path) -> dict:
     """Parse a safetensors header with the project's validator (structure only; values later)."""
-    from .safetensors_check import validate_safetensors
+    from soppu_client.format.safetensors_check import validate_safetensors
 
     return validate_safetensors(path, check_values=False)
 
@@ -224,7 +224,7 @@ class AdapterCollection:
 
 def _check_values(info: AdapterInfo, problems: list[str]) -> None:
     """NaN/Inf anywhere in the adapter's tensors (one streaming pass)."""
-    from .safetensors_check import validate_safetensors
+    from soppu_client.format.safetensors_check import validate_safetensors
 
     try:
         validate_safetensors(info.weights_path, check_values=True)

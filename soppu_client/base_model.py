@@ -13,7 +13,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .errors import InputError
+from soppu_client.format.errors import InputError
 
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

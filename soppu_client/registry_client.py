@@ -26,8 +26,8 @@ from urllib.parse import quote
 import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from soppu_client import signing
-from soppu_client.errors import InputError, RegistryError, SignatureError
+from soppu_client.format import signing
+from soppu_client.format.errors import InputError, RegistryError, SignatureError
 
 __all__ = ["RegistryClient", "UploadResult", "make_rotation_proof", "ROTATION_FORMAT"]
 

@@ -23,10 +23,10 @@ from typing import Callable
 
 import numpy as np
 
-from .adapters import AdapterCollection
-from .bundle import Bundle, basis_key, export_peft
-from .errors import InputError
-from .metrics import ModuleMetrics, module_metrics, summarize
+from soppu_client.adapters import AdapterCollection
+from soppu_client.format.bundle import Bundle, basis_key, export_peft
+from soppu_client.format.errors import InputError
+from soppu_client.metrics import ModuleMetrics, module_metrics, summarize
 
 DEFAULT_PROMPTS = [
     "What is the capital of France?",
@@ -150,7 +150,7 @@ def verify_outputs(
     """Compare each original adapter with its compressed export on the base model."""
     from peft import PeftModel
 
-    from .base_model import load_base_model
+    from soppu_client.base_model import load_base_model
 
     model, tokenizer = load_base_model(base_model)
     checks = []
@@ -211,7 +211,7 @@ def plot_errors(summary: dict, metrics: list[ModuleMetrics], names: list[str], p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .metrics import module_layer, module_type
+    from soppu_client.metrics import module_layer, module_type
 
     types = sorted({module_type(m.module) for m in metrics})
     layers = sorted({module_layer(m.module) or 0 for m in metrics})

@@ -1,4 +1,4 @@
-"""Hand-written tiny bundles for signing / validation tests (independent of soppu_client.bundle).
+"""Hand-written tiny bundles for signing / validation tests (independent of soppu_client.format.bundle).
 
 Writes the v1 layout from docs/TEAM_NOTES.md with the real ``safetensors`` library:
 manifest.json + basis.safetensors + cores/<name>.safetensors, per-file sha256 and size.

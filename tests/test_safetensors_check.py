@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.numpy import save, save_file
 
-from soppu_client.errors import SafetensorsFormatError
-from soppu_client.safetensors_check import validate_safetensors
+from soppu_client.format.errors import SafetensorsFormatError
+from soppu_client.format.safetensors_check import validate_safetensors
 
 
 def raw_file(header: dict | bytes, data: bytes = b"") -> bytes:

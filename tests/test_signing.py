@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest_bundles import make_bundle
-from soppu_client import signing
-from soppu_client.cli_signing import COMMANDS, keygen, sign, verify_signature
-from soppu_client.errors import BundleError, InputError, SignatureError
+from soppu_client.format import signing
+from soppu_client.cli.signing import COMMANDS, keygen, sign, verify_signature
+from soppu_client.format.errors import BundleError, InputError, SignatureError
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden_statement.json"

@@ -14,13 +14,13 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..errors import InputError
-from .cluster import assign_clusters
-from .jd_diag import fit_jd_diag
-from .jd_full import fit_jd_full
-from .project import project_cores
-from .result import ModuleFit
-from .stack import WEIGHTINGS, FactorStack, stack_factors
+from soppu_client.format.errors import InputError
+from soppu_client.compress.cluster import assign_clusters
+from soppu_client.compress.jd_diag import fit_jd_diag
+from soppu_client.compress.jd_full import fit_jd_full
+from soppu_client.compress.project import project_cores
+from soppu_client.compress.result import ModuleFit
+from soppu_client.compress.stack import WEIGHTINGS, FactorStack, stack_factors
 
 METHODS = ("full", "diag")
 STORAGE_DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .jd_full import fit_jd_full
-from .stack import stack_factors
+from soppu_client.compress.jd_full import fit_jd_full
+from soppu_client.compress.stack import stack_factors
 
 
 def _captured_share(stack, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

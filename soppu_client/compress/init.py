@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .stack import FactorStack
+from soppu_client.compress.stack import FactorStack
 
 _EXACT_LIMIT = 5e8  # flops below which a dense SVD of X is cheaper than randomized iterations
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .init import hosvd_init
-from .stack import FactorStack
+from soppu_client.compress.init import hosvd_init
+from soppu_client.compress.stack import FactorStack
 
 
 def _ritz_step(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .stack import FactorStack
+from soppu_client.compress.stack import FactorStack
 
 
 def project_cores(stack: FactorStack, U: torch.Tensor, V: torch.Tensor, *, diag: bool) -> torch.Tensor:

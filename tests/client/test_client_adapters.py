@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from soppu_client.adapters import load_collection
-from soppu_client.errors import AdapterValidationError
+from soppu_client.format.errors import AdapterValidationError
 
 
 def test_factors_equal_peft_delta_weight(smollm2, peft_adapters):

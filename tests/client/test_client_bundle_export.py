@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from soppu_client.bundle import Bundle, export_peft
+from soppu_client.format.bundle import Bundle, export_peft
 from soppu_client.compress import CompressConfig
-from soppu_client.compressor import compress_adapters
-from soppu_client.errors import AdapterValidationError, InputError, VerificationError
+from soppu_client.compress.pipeline import compress_adapters
+from soppu_client.format.errors import AdapterValidationError, InputError, VerificationError
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from soppu_client.adapters import load_collection
-from soppu_client.bundle import Bundle, export_peft
+from soppu_client.format.bundle import Bundle, export_peft
 from soppu_client.compress import CompressConfig, assign_clusters
-from soppu_client.compressor import compress_collection
+from soppu_client.compress.pipeline import compress_collection
 from soppu_client.verify import verify_weights
 
 SHAPES = {"q_proj": (48, 40), "v_proj": (24, 40)}
@@ -77,7 +77,7 @@ def test_clustered_bundle_verifies_and_exports(tmp_path):
 
 
 def test_projection_joins_the_right_cluster(tmp_path):
-    from soppu_client.projector import project_adapters
+    from soppu_client.compress.projection import project_adapters
 
     dirs = _write_group_adapters(tmp_path, groups=(0, 1, 0, 1, 1, 0))
     compress_collection(load_collection(dirs[:4]), tmp_path / "b", CompressConfig(rank=5, clusters=2))

@@ -161,7 +161,7 @@ def test_deterministic_for_a_seed():
     ],
 )
 def test_config_errors_name_the_field(kwargs, message):
-    from soppu_client.errors import InputError
+    from soppu_client.format.errors import InputError
 
     with pytest.raises(InputError) as info:
         CompressConfig(**kwargs)

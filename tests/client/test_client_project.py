@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from soppu_client.bundle import Bundle, export_peft
+from soppu_client.format.bundle import Bundle, export_peft
 from soppu_client.compress import CompressConfig
-from soppu_client.compressor import compress_adapters
-from soppu_client.errors import InputError
-from soppu_client.projector import project_adapters
+from soppu_client.compress.pipeline import compress_adapters
+from soppu_client.format.errors import InputError
+from soppu_client.compress.projection import project_adapters
 
 
 @pytest.fixture(scope="module")

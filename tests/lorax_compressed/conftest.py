@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lorax"))
 def compressed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     import srckit
 
-    from soppu_client.bundle import export_peft
+    from soppu_client.format.bundle import export_peft
     from soppu_client.compress import CompressConfig
-    from soppu_client.compressor import compress_adapters
-    from soppu_client.export_compressed import export_compressed
+    from soppu_client.compress.pipeline import compress_adapters
+    from soppu_client.format.compressed_form import export_compressed
 
     tmp = tmp_path_factory.mktemp("compressed")
     a = [srckit.write_adapter(tmp / "src" / f"a{i}", seed=20 + i, rank=4) for i in range(2)]

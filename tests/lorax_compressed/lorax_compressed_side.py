@@ -26,7 +26,7 @@ from lorax_server.adapters.utils import download_adapter_weights  # noqa: E402
 from lorax_server.adapters.weights import AdapterBatchData, AdapterBatchMetadata, LayerAdapterWeights  # noqa: E402
 from lorax_server.utils.adapter import load_module_map  # noqa: E402
 
-from lorax_adapter_source import lorax_compressed as lc  # noqa: E402
+from lorax_adapter_source import compressed as lc  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lorax"))
 from lorax_cpu_model import build_cpu_model  # noqa: E402

@@ -11,11 +11,11 @@ import pytest
 import torch
 from compressedkit import MODULES, REPO, peft_layer
 
-from lorax_adapter_source import lorax_compressed as lc
+from lorax_adapter_source import compressed as lc
 
 
 def test_module_imports_without_lorax() -> None:
-    code = ("import sys, lorax_adapter_source.lorax_compressed as m; "
+    code = ("import sys, lorax_adapter_source.compressed as m; "
             "assert 'lorax_server' not in sys.modules; print(m.ADAPTER_TYPE)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -18,7 +18,7 @@ from compressedkit import MODULES, N_LAYERS, peft_layer
 from safetensors.torch import load_file, save_file
 from srckit import BASE_MODEL
 
-from lorax_adapter_source import lorax_compressed as lc
+from lorax_adapter_source import compressed as lc
 
 pytestmark = pytest.mark.lorax
 

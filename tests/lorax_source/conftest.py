@@ -38,7 +38,7 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
 @pytest.fixture
 def source_env(published: Published, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point the source at the registry and a fresh cache; returns the cache root."""
-    from lorax_adapter_source._materialize import forget_resolutions
+    from soppu_serving.materialize import forget_resolutions
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("SOPPU_REGISTRY_URL", published.registry.url)

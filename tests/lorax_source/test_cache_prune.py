@@ -10,8 +10,8 @@ from pathlib import Path
 
 import srckit
 
-from lorax_adapter_source._materialize import forget_resolutions
-from lorax_adapter_source.lorax_compressed import load_compressed
+from soppu_serving.materialize import forget_resolutions
+from lorax_adapter_source.compressed import load_compressed
 from lorax_adapter_source.source import SoppuModelSource
 
 

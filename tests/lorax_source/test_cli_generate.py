@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from click.testing import CliRunner
 
-from soppu_client.cli_generate import generate
+from soppu_client.cli.generate import generate
 
 TOKENS = ["Hello", ",", " world"]
 

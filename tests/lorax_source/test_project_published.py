@@ -9,7 +9,7 @@ from pathlib import Path
 
 import srckit
 
-from soppu_client.fsutil import file_digest
+from soppu_client.format.fsutil import file_digest
 
 
 def soppu(*args: str) -> subprocess.CompletedProcess:

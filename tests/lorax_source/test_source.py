@@ -11,7 +11,7 @@ import srckit
 import torch
 
 from lorax_adapter_source.source import SoppuModelSource, get_soppu_local_dir
-from soppu_client.errors import RegistryError, SignatureError, VerificationError
+from soppu_client.format.errors import RegistryError, SignatureError, VerificationError
 
 
 def test_materializes_a_peft_dir_and_reuses_the_basis(published, source_env: Path) -> None:
@@ -140,7 +140,7 @@ def test_latest_follows_new_versions_and_pins_stay(published, source_env: Path) 
     first = SoppuModelSource(f"{reg.owner}/nv0", api_token=reg.serving_token)
     assert first.download_model_assets()[0].parent.name == "v1"
     reg.publish(bundle, version=2)  # same content, re-signed as version 2
-    from lorax_adapter_source._materialize import forget_resolutions
+    from soppu_serving.materialize import forget_resolutions
 
     forget_resolutions()
     latest = SoppuModelSource(f"{reg.owner}/nv0", api_token=reg.serving_token)

@@ -14,9 +14,9 @@ import srckit
 import torch
 from safetensors.torch import load_file
 
-from lorax_adapter_source import lorax_compressed as lc
+from lorax_adapter_source import compressed as lc
 from lorax_adapter_source.source import SoppuModelSource, get_soppu_local_dir
-from soppu_client.errors import InputError, VerificationError
+from soppu_client.format.errors import InputError, VerificationError
 
 
 @pytest.fixture

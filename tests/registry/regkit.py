@@ -1,7 +1,7 @@
 """Helpers for the registry tests: tiny hand-written bundles and real `soppu-registry serve` processes.
 
 Bundles come from tests/conftest_bundles.py (written with the safetensors library, not with
-soppu_client.bundle). Servers are subprocesses on 127.0.0.1 with a free port, real SQLite and real
+soppu_client.format.bundle). Servers are subprocesses on 127.0.0.1 with a free port, real SQLite and real
 files; owners, keys and tokens are created directly on the data dir, as the admin CLI does.
 """
 
@@ -21,9 +21,9 @@ from typing import Any
 
 import requests
 
-from lorax_adapter_source.registry.auth import issue_token
-from lorax_adapter_source.registry.storage import Storage
-from soppu_client import signing
+from soppu_registry.auth import issue_token
+from soppu_registry.storage import Storage
+from soppu_client.format import signing
 
 import conftest_bundles  # tests/ is on sys.path (tests/registry/conftest.py)
 from conftest_bundles import BASE_MODEL, RANK  # noqa: F401  (BASE_MODEL re-exported for the registry tests)

@@ -11,10 +11,10 @@ import pytest
 import requests
 from regkit import BASE_MODEL, Owner, Registry, Server, auth, error_code, free_port, new_owner, put_blob, upload_blobs
 
-from lorax_adapter_source.registry.auth import issue_token
-from lorax_adapter_source.registry.storage import Storage
-from soppu_client import signing
-from soppu_client.errors import RegistryError
+from soppu_registry.auth import issue_token
+from soppu_registry.storage import Storage
+from soppu_client.format import signing
+from soppu_client.format.errors import RegistryError
 from soppu_client.registry_client import RegistryClient
 
 

@@ -10,8 +10,8 @@ import requests
 from click.testing import CliRunner
 from regkit import REGISTRY_BIN, Owner, Registry, auth, free_port, make_bundle
 
-from soppu_client import signing
-from soppu_client.cli_upload import rotate_key_proof, upload
+from soppu_client.format import signing
+from soppu_client.cli.upload import rotate_key_proof, upload
 
 
 def admin(registry: Registry, *args: str) -> subprocess.CompletedProcess[str]:

@@ -12,9 +12,9 @@ from pathlib import Path
 import requests
 from regkit import Owner, Server, auth, new_owner
 
-from lorax_adapter_source.registry.storage import Storage
-from soppu_client import signing
-from soppu_client.errors import RegistryError
+from soppu_registry.storage import Storage
+from soppu_client.format import signing
+from soppu_client.format.errors import RegistryError
 from soppu_client.registry_client import RegistryClient
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import requests
 from regkit import REGISTRY_BIN, Server, auth, error_code, new_owner, publish, put_blob, upload_blobs
 
-from lorax_adapter_source.registry.auth import issue_token
-from lorax_adapter_source.registry.storage import Storage
-from soppu_client import signing
+from soppu_registry.auth import issue_token
+from soppu_registry.storage import Storage
+from soppu_client.format import signing
 
 
 def gc(data: Path, *args: str) -> subprocess.CompletedProcess:

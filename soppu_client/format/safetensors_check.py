@@ -15,7 +15,7 @@ never looks at values.  :func:`validate_safetensors` checks, in order:
 * optionally (default), float values are finite (bf16 / fp8 checked through integer bit views)
   and BOOL bytes are 0 or 1.
 
-Every problem raises :class:`~soppu_client.errors.SafetensorsFormatError` naming the file, the
+Every problem raises :class:`~soppu_client.format.errors.SafetensorsFormatError` naming the file, the
 tensor and the problem.  Anything the validator accepts, ``safetensors.safe_open`` reads with
 the same names, dtypes and shapes.
 """
@@ -32,7 +32,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from soppu_client.errors import SafetensorsFormatError
+from soppu_client.format.errors import SafetensorsFormatError
 
 __all__ = ["DTYPE_SIZES", "MAX_HEADER_BYTES", "TensorSpec", "validate_safetensors"]
 

@@ -12,9 +12,9 @@ statement is signed, so re-formatting or re-ordering keys in signature.json does
 changing any value does.  Verification trusts only the public key the caller passes, never the
 one embedded in signature.json (that one is only used to name a wrong key).
 
-Failures raise :class:`~soppu_client.errors.SignatureError` (exit 1) naming what failed; bad
-user input (unreadable key, bad option) raises :class:`~soppu_client.errors.InputError` and a
-malformed bundle :class:`~soppu_client.errors.BundleError` (exit 2).
+Failures raise :class:`~soppu_client.format.errors.SignatureError` (exit 1) naming what failed; bad
+user input (unreadable key, bad option) raises :class:`~soppu_client.format.errors.InputError` and a
+malformed bundle :class:`~soppu_client.format.errors.BundleError` (exit 2).
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from soppu_client.errors import BundleError, InputError, SignatureError
-from soppu_client.fsutil import atomic_write, file_digest  # noqa: F401  (re-exported)
+from soppu_client.format.errors import BundleError, InputError, SignatureError
+from soppu_client.format.fsutil import atomic_write, file_digest  # noqa: F401  (re-exported)
+from soppu_client.format.names import ADAPTER_NAME_RE, HEX64_RE
 
 __all__ = [
-    "STATEMENT_FORMAT", "SIGNATURE_FILE", "MANIFEST_FILE", "NAME_PATTERN",
+    "STATEMENT_FORMAT", "SIGNATURE_FILE", "MANIFEST_FILE",
     "generate_keypair", "load_private_key", "load_public_key", "public_key_id",
     "canonical_json", "parse_expiry", "format_timestamp", "build_statement", "sign_statement",
     "sign_bundle", "verify_statement", "verify_bundle", "read_signature", "diff_files",
@@ -49,13 +50,11 @@ __all__ = [
 STATEMENT_FORMAT = "soppu-statement/1"
 SIGNATURE_FILE = "signature.json"
 MANIFEST_FILE = "manifest.json"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """Adapter and owner names."""
 
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 _DURATION = re.compile(r"^(\d+)([smhdwy])$")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _STATEMENT_KEYS = frozenset({"format", "owner", "adapters", "version", "base_model", "expires_at", "files"})
 _DOC_KEYS = frozenset({"statement", "signature", "key_id", "public_key"})
 
@@ -256,7 +255,7 @@ def parse_expiry(value: str | datetime | timedelta, *, now: datetime | None = No
 
 
 def _check_name(kind: str, name: object) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not ADAPTER_NAME_RE.match(name):
         raise InputError(f"{kind} name {name!r} is invalid; use 1-128 characters from "
                          "A-Z a-z 0-9 . _ - starting with a letter or digit")
     return name
@@ -460,7 +459,7 @@ def _check_statement_schema(st: dict) -> None:
 
 def _valid_file_entry(f: object) -> bool:
     return (isinstance(f, dict) and set(f) == {"path", "sha256", "size"} and isinstance(f["path"], str)
-            and isinstance(f["sha256"], str) and bool(_HEX64.match(f["sha256"]))
+            and isinstance(f["sha256"], str) and bool(HEX64_RE.match(f["sha256"]))
             and type(f["size"]) is int and f["size"] >= 0)
 
 

@@ -12,7 +12,7 @@ with ``soppu_kernels`` (``shrink`` = one GEMM per basis, ``core_gather_mv`` = pe
 ``expand`` = one GEMM per basis; Triton on CUDA tensors, the pure-torch reference on CPU).
 
 On-disk format (``soppu-compressed/1``, one directory per adapter): see
-:mod:`soppu_client.export_compressed`, which writes it (``soppu export --format compressed``, the
+:mod:`soppu_client.format.compressed_form`, which writes it (``soppu export --format compressed``, the
 ``soppu`` source with ``SOPPU_SERVE_FORMAT=compressed``). ``basis.sha256`` in its config is the
 digest of basis.safetensors, byte-identical for all adapters of one cluster of one bundle: it is
 the residency key. The cores are applied as they are (the PEFT export of the same adapter is
@@ -47,14 +47,14 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from soppu_client.export_compressed import (
+from soppu_client.format.compressed_form import (
     BASIS_FILE,
     CONFIG_FILE,
     CORES_FILE,
     FORMAT,
     PEFT_TYPE,
 )
-from soppu_client.fsutil import file_digest
+from soppu_client.format.fsutil import file_digest
 
 ADAPTER_TYPE = "soppu"  # key of the batch data in LoRAX's AdapterBatchData.data[layer_type]
 

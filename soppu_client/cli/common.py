@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from .errors import SoppuError
+from soppu_client.format.errors import SoppuError
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 

@@ -15,11 +15,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import __version__
-from .adapters import AdapterCollection, load_collection
-from .bundle import TORCH_DTYPES, BundleBuilder, canonical_dumps, core_path, peft_fields
-from .compress import CompressConfig, assign_clusters, iter_compressed_modules
-from .metrics import ModuleMetrics, module_metrics, parameter_counts, summarize
+from soppu_client import __version__
+from soppu_client.adapters import AdapterCollection, load_collection
+from soppu_client.format.bundle import TORCH_DTYPES, BundleBuilder, canonical_dumps, core_path, peft_fields
+from soppu_client.compress import CompressConfig, assign_clusters, iter_compressed_modules
+from soppu_client.metrics import ModuleMetrics, module_metrics, parameter_counts, summarize
 
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .cli_common import emit, json_option, progress, reporting
+from soppu_client import __version__
+from soppu_client.cli.common import emit, json_option, progress, reporting
 
 _EPILOG = "Errors are unsquared relative Frobenius norms ||dW - U S V^T||_F / ||dW||_F."
 
@@ -55,9 +55,9 @@ def compress(adapter_dirs, out, rank, method, weighting, clusters, float64, dtyp
     Adapter names in the bundle are the directory names. Every problem with the inputs is
     reported at once; a failed run leaves no partial bundle.
     """
-    from .compress import CompressConfig
-    from .compressor import compress_adapters
-    from .report import sizes_text, weight_table
+    from soppu_client.compress import CompressConfig
+    from soppu_client.compress.pipeline import compress_adapters
+    from soppu_client.report import sizes_text, weight_table
 
     with reporting(as_json):
         config = CompressConfig(rank=rank, method=method, weighting=weighting, float64=float64, seed=seed,
@@ -101,11 +101,11 @@ def project(adapter_dirs, onto, published, registry, token, public_key, out, for
     """
     import tempfile
 
-    from . import signing
-    from .errors import InputError
-    from .registry_client import RegistryClient
-    from .refs import AdapterRef
-    from .registry_fetch import fetch_published_basis
+    from soppu_client.format import signing
+    from soppu_client.format.errors import InputError
+    from soppu_client.registry_client import RegistryClient
+    from soppu_client.format.refs import AdapterRef
+    from soppu_client.fetch import fetch_published_basis
 
     with reporting(as_json), tempfile.TemporaryDirectory(prefix="soppu-basis-") as scratch:
         if (onto is None) == (published is None):
@@ -123,8 +123,8 @@ def project(adapter_dirs, onto, published, registry, token, public_key, out, for
 
 
 def _project(adapter_dirs, onto, out, force, as_json, label) -> None:
-    from .projector import project_adapters
-    from .report import weight_table
+    from soppu_client.compress.projection import project_adapters
+    from soppu_client.report import weight_table
 
     manifest = project_adapters(list(adapter_dirs), onto, out, force=force, progress=progress("projecting modules"),
                                 onto_label=label)
@@ -161,11 +161,11 @@ def _project(adapter_dirs, onto, out, force, as_json, label) -> None:
 def verify(bundle_dir, more_adapter_dirs, adapter_dirs, base_model, prompts_file, max_new_tokens, max_error, plot_path, show_layers, as_json) -> None:
     """Check BUNDLE_DIR against the original adapters (--adapters DIR...): weight-level errors
     and SVD lower bounds, and with --base-model the output-level agreement (KL, top-1, greedy generations)."""
-    from .adapters import load_collection
-    from .bundle import Bundle
-    from .errors import InputError, VerificationError
-    from .report import layer_table, output_table, sizes_text, weight_table
-    from .verify import plot_errors, verify_outputs, verify_weights
+    from soppu_client.adapters import load_collection
+    from soppu_client.format.bundle import Bundle
+    from soppu_client.format.errors import InputError, VerificationError
+    from soppu_client.report import layer_table, output_table, sizes_text, weight_table
+    from soppu_client.verify import plot_errors, verify_outputs, verify_weights
 
     with reporting(as_json):
         bundle = Bundle.open(bundle_dir)
@@ -214,8 +214,8 @@ def verify(bundle_dir, more_adapter_dirs, adapter_dirs, base_model, prompts_file
 @json_option
 def inspect(bundle_dir, show_layers, as_json) -> None:
     """Show a bundle's manifest: base model, method, rank, adapters, sizes and stored metrics."""
-    from .bundle import Bundle
-    from .report import layer_table, sizes_text, table, weight_table
+    from soppu_client.format.bundle import Bundle
+    from soppu_client.report import layer_table, sizes_text, table, weight_table
 
     with reporting(as_json):
         bundle = Bundle.open(bundle_dir)
@@ -260,8 +260,8 @@ def export(bundle_dir, name, out, form, dtype, force, as_json) -> None:
     compressed  adapter_config.json (peft_type SOPPU_COMPRESSED) + basis.safetensors (its
                 cluster's U, V) + cores.safetensors (S), for a LoRAX with the compressed-mode
                 patches: adapters of one cluster share the basis file byte for byte."""
-    from .bundle import Bundle, export_peft
-    from .export_compressed import export_compressed
+    from soppu_client.format.bundle import Bundle, export_peft
+    from soppu_client.format.compressed_form import export_compressed
 
     with reporting(as_json):
         bundle = Bundle.open(bundle_dir)
@@ -275,7 +275,7 @@ def export(bundle_dir, name, out, form, dtype, force, as_json) -> None:
 
 def _register_commands() -> None:
     """Commands defined beside the core ones: signing, upload, generate."""
-    from . import cli_generate, cli_signing, cli_upload
+    from soppu_client.cli import generate as cli_generate, signing as cli_signing, upload as cli_upload
 
     for module in (cli_signing, cli_upload, cli_generate):
         for command in module.COMMANDS:

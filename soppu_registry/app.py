@@ -27,9 +27,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from . import checks
-from .auth import OWNER_WRITE, Principal, RateLimited, RateLimiter, authenticate
-from .storage import DIGEST_RE, NAME_RE, OWNER_RE, ApiError, Storage
+from soppu_registry import checks
+from soppu_registry.auth import OWNER_WRITE, Principal, RateLimited, RateLimiter, authenticate
+from soppu_client.format.names import ADAPTER_NAME_RE as NAME_RE
+from soppu_client.format.names import DIGEST_RE, OWNER_RE
+from soppu_registry.storage import ApiError, Storage
 
 MAX_PUBLISH_BODY = 16 << 20
 

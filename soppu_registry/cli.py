@@ -25,11 +25,11 @@ from typing import Any
 
 import click
 
-from soppu_client import signing
-from soppu_client.errors import SoppuError
+from soppu_client.format import signing
+from soppu_client.format.errors import SoppuError
 
-from .auth import SCOPES, issue_token
-from .storage import ApiError, Storage
+from soppu_registry.auth import SCOPES, issue_token
+from soppu_registry.storage import ApiError, Storage
 
 ROTATION_FORMAT = "soppu-key-rotation/1"
 
@@ -77,7 +77,7 @@ def serve(data_dir: Path, host: str, port: int, max_blob_bytes: int, rate: float
     import uvicorn
     from filelock import FileLock, Timeout
 
-    from .app import RegistryConfig, create_app
+    from soppu_registry.app import RegistryConfig, create_app
 
     data_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(data_dir / "serve.lock"))

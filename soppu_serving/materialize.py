@@ -10,8 +10,8 @@ Order of checks (nothing reaches the cache before all of them pass):
    and sha256 must equal the signed statement's. manifest.json must agree with the statement.
 4. Tensors are validated (``validate_safetensors`` with the shapes the manifest implies) and the
    adapter is written in the cache's serving form: a standard PEFT dir
-   (``soppu_client.bundle.export_peft``) or a compressed dir
-   (``soppu_client.export_compressed``, for LoRAX's compressed mode).
+   (``soppu_client.format.bundle.export_peft``) or a compressed dir
+   (``soppu_client.format.compressed_form``, for LoRAX's compressed mode).
 5. Under the version's file lock the verified blobs enter the blob store (a basis shared by many
    adapters is fetched once; a compressed dir's cluster basis is stored once and hard-linked) and
    the dir is renamed into ``<root>/<owner>/<name>/v<N>`` (compressed: under ``<root>/.compressed``).
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from soppu_client import signing
-from soppu_client.bundle import BASIS, MANIFEST, Bundle, core_path, export_peft
-from soppu_client.errors import (
+from soppu_client.format import signing
+from soppu_client.format.bundle import BASIS, MANIFEST, Bundle, core_path, export_peft
+from soppu_client.format.errors import (
     BundleError,
     InputError,
     RegistryError,
@@ -39,13 +39,13 @@ from soppu_client.errors import (
     SoppuError,
     VerificationError,
 )
-from soppu_client.export_compressed import BASIS_FILE, write_compressed_files
-from soppu_client.fsutil import fsync_tree
-from soppu_client.refs import AdapterRef
+from soppu_client.format.compressed_form import BASIS_FILE, write_compressed_files
+from soppu_client.format.fsutil import fsync_tree
+from soppu_client.format.refs import AdapterRef
 from soppu_client.registry_client import BlobDigestError, RegistryClient
-from soppu_client.registry_fetch import check_manifest
+from soppu_client.fetch import check_manifest
 
-from ._cache import MARKER, Cache, fsync_dir
+from soppu_serving.cache import MARKER, Cache, fsync_dir
 
 _CHUNK = 1 << 20
 

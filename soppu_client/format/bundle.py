@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapters import ADAPTER_NAME_RE
-from .errors import BundleError, InputError, VerificationError
-from .fsutil import file_digest, fsync_dir, fsync_tree
+from soppu_client.format.names import ADAPTER_NAME_RE
+from soppu_client.format.errors import BundleError, InputError, VerificationError
+from soppu_client.format.fsutil import file_digest, fsync_dir, fsync_tree
 
 FORMAT = "soppu-bundle/1"
 MANIFEST = "manifest.json"
@@ -232,7 +232,7 @@ class Bundle:
     def _load(self, rel: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        from .safetensors_check import validate_safetensors
+        from soppu_client.format.safetensors_check import validate_safetensors
 
         validate_safetensors(self.path / rel, expected=self._expected(rel))
         return load_file(str(self.path / rel))

@@ -21,13 +21,13 @@ from typing import Any
 
 from filelock import Timeout
 
-from ._cache import FORMS, MARKER, Cache
-from .lorax_compressed import read_compressed_config
+from soppu_client.format.names import HEX64_RE
+from soppu_serving.cache import FORMS, MARKER, Cache
+from lorax_adapter_source.compressed import read_compressed_config
 
 __all__ = ["prune_cache"]
 
 _VERSION = re.compile(r"^v([0-9]+)$")
-_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _dir_bytes(path: Path) -> int:
@@ -98,7 +98,7 @@ def prune_cache(root: str | os.PathLike[str] | None = None, *, keep: int = 1, dr
     blob_dir = base.root / ".blobs" / "sha256"
     if blob_dir.is_dir():
         for blob in sorted(blob_dir.iterdir()):
-            if not _HEX.match(blob.name) or blob.name in used:
+            if not HEX64_RE.match(blob.name) or blob.name in used:
                 continue
             try:
                 with base.lock(f"blob-{blob.name}", timeout=0):

@@ -20,8 +20,8 @@ import click
 __all__ = ["COMMANDS", "generate"]
 
 def _check_adapter(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
-    from .errors import InputError
-    from .refs import AdapterRef
+    from soppu_client.format.errors import InputError
+    from soppu_client.format.refs import AdapterRef
 
     try:
         AdapterRef.parse(value, label="adapter")

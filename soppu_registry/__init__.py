@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .storage import ApiError, Storage
+from soppu_registry.storage import ApiError, Storage
 
 __all__ = ["ApiError", "RegistryConfig", "Storage", "create_app"]
 
 
 def __getattr__(name: str) -> Any:  # keep `import ...registry` free of FastAPI for admin commands
     if name in ("create_app", "RegistryConfig"):
-        from . import app
+        from soppu_registry import app
         return getattr(app, name)
     raise AttributeError(name)

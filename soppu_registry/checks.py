@@ -1,7 +1,7 @@
 """Checks a publish request must pass before a version becomes visible.
 
 Order: request shape -> key (registered, this owner's, active) -> URL vs statement (owner, name,
-version) -> expiry and signature (``soppu_client.signing.verify_statement``) -> every listed blob
+version) -> expiry and signature (``soppu_client.format.signing.verify_statement``) -> every listed blob
 stored with its size -> manifest.json blob parses and agrees with the statement -> every
 safetensors blob passes ``validate_safetensors`` with the shapes the manifest implies.
 Each failure is an ApiError whose code names the check.
@@ -15,15 +15,15 @@ import threading
 from datetime import datetime, timezone
 from typing import Any
 
-from soppu_client import signing
-from soppu_client.errors import SafetensorsFormatError, SignatureError
-from soppu_client.safetensors_check import validate_safetensors
+from soppu_client.format import signing
+from soppu_client.format.errors import SafetensorsFormatError, SignatureError
+from soppu_client.format.names import HEX64_RE
+from soppu_client.format.safetensors_check import validate_safetensors
 
-from .storage import ApiError, Storage
+from soppu_registry.storage import ApiError, Storage
 
 BUNDLE_FORMAT = "soppu-bundle/1"
 STATEMENT_FORMAT = "soppu-statement/1"
-HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
@@ -47,7 +47,7 @@ def check_files(statement: dict[str, Any]) -> list[dict[str, Any]]:
     out, seen = [], set()
     for f in files:
         if not isinstance(f, dict) or not isinstance(f.get("path"), str) \
-                or not isinstance(f.get("sha256"), str) or not HEX64.match(f["sha256"]) \
+                or not isinstance(f.get("sha256"), str) or not HEX64_RE.match(f["sha256"]) \
                 or not isinstance(f.get("size"), int) or f["size"] < 0:
             raise _bad("bad_statement", f"signed statement has a malformed file entry: {f!r}")
         p = f["path"]

@@ -33,11 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from soppu_client.fsutil import fsync_dir
+from soppu_client.format.fsutil import fsync_dir
+from soppu_client.format.names import OWNER_RE
 
-DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
-OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CHUNK = 1 << 16
 
 SCHEMA = """

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .storage import Storage, ApiError
+from soppu_registry.storage import Storage, ApiError
 
 OWNER_WRITE = "owner-write"
 OWNER_READ = "owner-read"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from ._cache import default_root
-from .cache_prune import prune_cache
+from soppu_serving.cache import default_root
+from soppu_serving.prune import prune_cache
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

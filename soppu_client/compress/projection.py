@@ -15,13 +15,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .adapters import load_collection
-from .bundle import BASIS, TORCH_DTYPES, Bundle, BundleBuilder, basis_key
-from .compressor import adapter_entries, metrics_sections
-from .compress import stack_factors
-from .compress.project import project_cores
-from .errors import InputError
-from .metrics import module_metrics, parameter_counts
+from soppu_client.adapters import load_collection
+from soppu_client.format.bundle import BASIS, TORCH_DTYPES, Bundle, BundleBuilder, basis_key
+from soppu_client.compress.pipeline import adapter_entries, metrics_sections
+from soppu_client.compress import stack_factors
+from soppu_client.compress.project import project_cores
+from soppu_client.format.errors import InputError
+from soppu_client.metrics import module_metrics, parameter_counts
 
 def _check_compatible(base: Bundle, collection, label: str) -> None:
     problems = []

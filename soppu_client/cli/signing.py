@@ -18,11 +18,11 @@ from typing import Any
 
 import click
 
-from soppu_client import signing
-from soppu_client.cli_common import emit as _emit
-from soppu_client.cli_common import json_option
-from soppu_client.cli_common import reporting as _reporting
-from soppu_client.errors import InputError
+from soppu_client.format import signing
+from soppu_client.cli.common import emit as _emit
+from soppu_client.cli.common import json_option
+from soppu_client.cli.common import reporting as _reporting
+from soppu_client.format.errors import InputError
 
 __all__ = ["COMMANDS", "keygen", "sign", "verify_signature", "PASSPHRASE_ENV"]
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .adapters import ADAPTER_NAME_RE
-from .errors import InputError
+from soppu_client.format.names import ADAPTER_NAME_RE as NAME_RE
+from soppu_client.format.names import OWNER_RE
+from soppu_client.format.errors import InputError
 
-OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-NAME_RE = ADAPTER_NAME_RE
 
 __all__ = ["NAME_RE", "OWNER_RE", "AdapterRef"]
 

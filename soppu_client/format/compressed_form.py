@@ -24,8 +24,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .bundle import BASIS, Bundle, basis_key, staged_dir
-from .fsutil import file_digest
+from soppu_client.format.bundle import BASIS, Bundle, basis_key, staged_dir
+from soppu_client.format.fsutil import file_digest
 
 FORMAT = "soppu-compressed/1"
 PEFT_TYPE = "SOPPU_COMPRESSED"

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from soppu_client.errors import InputError
-from soppu_client.fsutil import file_digest, fsync_dir
+from soppu_client.format.errors import InputError
+from soppu_client.format.fsutil import file_digest, fsync_dir
 
 MARKER = "soppu_source.json"
 LATEST = "latest"

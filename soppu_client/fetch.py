@@ -23,17 +23,17 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from . import signing
-from .bundle import BASIS, MANIFEST, Bundle
-from .errors import (
+from soppu_client.format import signing
+from soppu_client.format.bundle import BASIS, MANIFEST, Bundle
+from soppu_client.format.errors import (
     BundleError,
     InputError,
     RegistryError,
     SignatureError,
     VerificationError,
 )
-from .refs import AdapterRef
-from .registry_client import BlobDigestError, RegistryClient
+from soppu_client.format.refs import AdapterRef
+from soppu_client.registry_client import BlobDigestError, RegistryClient
 
 __all__ = ["check_manifest", "fetch_published_basis"]
 

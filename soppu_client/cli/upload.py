@@ -15,9 +15,9 @@ from pathlib import Path
 
 import click
 
-from soppu_client import signing
-from soppu_client.cli_common import reporting as _reporting
-from soppu_client.errors import InputError
+from soppu_client.format import signing
+from soppu_client.cli.common import reporting as _reporting
+from soppu_client.format.errors import InputError
 from soppu_client.registry_client import RegistryClient, make_rotation_proof
 
 __all__ = ["COMMANDS", "bases", "rotate_key_proof", "upload"]
