@@ -35,31 +35,7 @@ from soppu_client.format.errors import (
 from soppu_client.format.refs import AdapterRef
 from soppu_client.registry_client import BlobDigestError, RegistryClient
 
-__all__ = ["check_manifest", "fetch_published_basis"]
-
-def check_manifest(manifest: Any, statement: dict[str, Any], label: str, needed: list[str],
-                   adapter: str | None = None) -> None:
-    """A downloaded manifest.json must agree with the signed statement: same base model, the
-    ``needed`` files listed with their signed sha256 and size, and (given) ``adapter`` in it."""
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{label}: manifest.json is not a JSON object")
-    by_path = {f["path"]: f for f in statement["files"]}
-    problems = []
-    if manifest.get("base_model") != statement["base_model"]:
-        problems.append(f"base_model {manifest.get('base_model')!r} != signed {statement['base_model']!r}")
-    if adapter is not None and (not isinstance(manifest.get("adapters"), dict) or adapter not in manifest["adapters"]):
-        problems.append(f"manifest.json has no adapter {adapter!r}")
-    listed = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
-    for rel in needed:
-        if rel not in by_path:
-            problems.append(f"{rel} is not in the signed statement")
-            continue
-        m = listed.get(rel)
-        if not isinstance(m, dict) or m.get("sha256") != by_path[rel]["sha256"] or m.get("size") != by_path[rel]["size"]:
-            problems.append(f"{rel}: manifest entry {m!r} differs from the signed statement")
-    if problems:
-        raise VerificationError(f"{label}: manifest does not match its signature: " + "; ".join(problems))
-
+__all__ = ["fetch_published_basis"]
 
 def fetch_published_basis(client: RegistryClient, ref: AdapterRef | str, dest: str | Path, *,
                           public_key: Ed25519PublicKey | None = None) -> tuple[Bundle, dict[str, Any]]:
@@ -103,7 +79,7 @@ def fetch_published_basis(client: RegistryClient, ref: AdapterRef | str, dest: s
             manifest = json.loads((tmp / MANIFEST).read_bytes())
         except (ValueError, UnicodeDecodeError) as e:
             raise BundleError(f"{label}: manifest.json is not valid JSON ({e})") from None
-        check_manifest(manifest, statement, label, [BASIS])
+        signing.check_manifest(manifest, statement, label, [BASIS])
         opened = Bundle.open(tmp, verify_digests=False)  # the manifest's own checks
         tmp.rename(dest)
     finally:

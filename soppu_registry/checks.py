@@ -10,7 +10,6 @@ Each failure is an ApiError whose code names the check.
 from __future__ import annotations
 
 import json
-import re
 import threading
 from datetime import datetime, timezone
 from typing import Any

@@ -43,7 +43,6 @@ from soppu_client.format.compressed_form import BASIS_FILE, write_compressed_fil
 from soppu_client.format.fsutil import fsync_tree
 from soppu_client.format.refs import AdapterRef
 from soppu_client.registry_client import BlobDigestError, RegistryClient
-from soppu_client.fetch import check_manifest
 
 from soppu_serving.cache import MARKER, Cache, fsync_dir
 
@@ -319,7 +318,7 @@ def _build(ref: AdapterRef, resolved: Resolved, statement: dict[str, Any], url: 
                 manifest = json.loads(sources[MANIFEST].read_bytes())
             except (ValueError, UnicodeDecodeError) as e:
                 raise BundleError(f"soppu adapter {ref}@{version}: manifest.json is not valid JSON ({e})") from None
-            check_manifest(manifest, statement, f"soppu adapter {ref}@{version}", [BASIS, core], adapter=ref.name)
+            signing.check_manifest(manifest, statement, f"soppu adapter {ref}@{version}", [BASIS, core], adapter=ref.name)
             for rel, src in sources.items():
                 _link_or_copy(src, bundle_dir / rel)
             out = stage / cache.form

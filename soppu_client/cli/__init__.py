@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from soppu_client import __version__
-from soppu_client.cli.common import emit, json_option, progress, reporting
+from soppu_client.format.reporting import emit, json_option, progress, reporting
 
 _EPILOG = "Errors are unsquared relative Frobenius norms ||dW - U S V^T||_F / ||dW||_F."
 

@@ -19,9 +19,9 @@ from typing import Any
 import click
 
 from soppu_client.format import signing
-from soppu_client.cli.common import emit as _emit
-from soppu_client.cli.common import json_option
-from soppu_client.cli.common import reporting as _reporting
+from soppu_client.format.reporting import emit as _emit
+from soppu_client.format.reporting import json_option
+from soppu_client.format.reporting import reporting as _reporting
 from soppu_client.format.errors import InputError
 
 __all__ = ["COMMANDS", "keygen", "sign", "verify_signature", "PASSPHRASE_ENV"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from soppu_client.format import signing
-from soppu_client.cli.common import reporting as _reporting
+from soppu_client.format.reporting import reporting as _reporting
 from soppu_client.format.errors import InputError
 from soppu_client.registry_client import RegistryClient, make_rotation_proof
 

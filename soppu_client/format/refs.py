@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from soppu_client.format.names import ADAPTER_NAME_RE as NAME_RE

@@ -35,7 +35,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from soppu_client.format.errors import BundleError, InputError, SignatureError
+from soppu_client.format.errors import BundleError, InputError, SignatureError, VerificationError
 from soppu_client.format.fsutil import atomic_write, file_digest  # noqa: F401  (re-exported)
 from soppu_client.format.names import ADAPTER_NAME_RE, HEX64_RE
 
@@ -582,3 +582,27 @@ def _manifest_agrees(bundle_dir: Path, st: dict) -> list[str]:
     if listed != covered:
         problems.append(f"manifest files {sorted(listed)} != statement files {sorted(covered)}")
     return problems
+
+
+def check_manifest(manifest: Any, statement: dict[str, Any], label: str, needed: list[str],
+                   adapter: str | None = None) -> None:
+    """A downloaded manifest.json must agree with the signed statement: same base model, the
+    ``needed`` files listed with their signed sha256 and size, and (given) ``adapter`` in it."""
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{label}: manifest.json is not a JSON object")
+    by_path = {f["path"]: f for f in statement["files"]}
+    problems = []
+    if manifest.get("base_model") != statement["base_model"]:
+        problems.append(f"base_model {manifest.get('base_model')!r} != signed {statement['base_model']!r}")
+    if adapter is not None and (not isinstance(manifest.get("adapters"), dict) or adapter not in manifest["adapters"]):
+        problems.append(f"manifest.json has no adapter {adapter!r}")
+    listed = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    for rel in needed:
+        if rel not in by_path:
+            problems.append(f"{rel} is not in the signed statement")
+            continue
+        m = listed.get(rel)
+        if not isinstance(m, dict) or m.get("sha256") != by_path[rel]["sha256"] or m.get("size") != by_path[rel]["size"]:
+            problems.append(f"{rel}: manifest entry {m!r} differs from the signed statement")
+    if problems:
+        raise VerificationError(f"{label}: manifest does not match its signature: " + "; ".join(problems))

@@ -9,7 +9,7 @@ import torch
 import soppu_kernels as sk
 from soppu_kernels import reference as R
 
-from kernel_cases import DTYPES, Case, adapter_indices, assert_matches_reference, case_grid, make_inputs
+from tests.kernels.kernel_cases import DTYPES, Case, adapter_indices, assert_matches_reference, case_grid, make_inputs
 
 pytestmark = [
     pytest.mark.gpu,

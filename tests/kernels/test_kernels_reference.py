@@ -10,7 +10,7 @@ import soppu_kernels as sk
 from soppu_kernels import reference as R
 from soppu_kernels.cuda_ops import gemm_pipeline
 
-from kernel_cases import Case, assert_matches_reference, case_grid, close, make_inputs
+from tests.kernels.kernel_cases import Case, assert_matches_reference, case_grid, close, make_inputs
 
 
 def _dense_oracle(inp: dict[str, torch.Tensor], diag: bool) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 import soppu_kernels as sk
 from soppu_kernels import reference as R
 
-from kernel_cases import (
+from tests.kernels.kernel_cases import (
     DTYPES,
     POPULARITY,
     Case,

@@ -5,15 +5,12 @@ Tests that need LORAX_SRC / LORAX_PYTHON skip, with the reason, when they are un
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lorax_source"))
 
-from loraxkit import apply_series, copy_lorax, generate_stubs, lorax_python, lorax_src  # noqa: E402
+from tests.lorax.loraxkit import apply_series, copy_lorax, generate_stubs, lorax_python, lorax_src  # noqa: E402
 
 
 @pytest.fixture(scope="session")

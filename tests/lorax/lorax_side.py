@@ -33,7 +33,7 @@ from lorax_server.utils.adapter import (  # noqa: E402
     enum_string_to_adapter_source,
     load_module_map,
 )
-from lorax_cpu_model import build_cpu_model  # noqa: E402  (beside this script)
+from tests.lorax.lorax_cpu_model import build_cpu_model  # noqa: E402  (beside this script)
 from lorax_server.utils.punica import has_sgmv  # noqa: E402
 from lorax_server.utils.sources import get_config_path, get_local_dir, get_model_source  # noqa: E402
 

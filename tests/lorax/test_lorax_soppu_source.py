@@ -13,9 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import srckit
+from tests.serving import srckit
 import torch
-from loraxkit import lorax_env, lorax_python
+from tests.lorax.loraxkit import lorax_env, lorax_python
 from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.lorax

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from loraxkit import REPO, apply_series, copy_lorax, lorax_src
+from tests.lorax.loraxkit import REPO, apply_series, copy_lorax, lorax_src
 
 from server_patches import PINNED_COMMIT, apply_series as apply_api
 from server_patches import check_series, series

@@ -3,14 +3,9 @@ three adapters materialized as compressed dirs (two share a basis) and exported 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lorax_source"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lorax"))
 
 
 @pytest.fixture(scope="session")

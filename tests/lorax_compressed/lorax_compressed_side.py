@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,8 +27,7 @@ from lorax_server.utils.adapter import load_module_map  # noqa: E402
 
 from lorax_adapter_source import compressed as lc  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lorax"))
-from lorax_cpu_model import build_cpu_model  # noqa: E402
+from tests.lorax.lorax_cpu_model import build_cpu_model  # noqa: E402
 
 n_layers = int(args["n_layers"])
 layer_types = ("q_proj", "v_proj")

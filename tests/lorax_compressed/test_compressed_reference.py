@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from compressedkit import MODULES, REPO, peft_layer
+from tests.lorax_compressed.compressedkit import MODULES, REPO, peft_layer
 
 from lorax_adapter_source import compressed as lc
 

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from compressedkit import MODULES, N_LAYERS, peft_layer
+from tests.lorax_compressed.compressedkit import MODULES, N_LAYERS, peft_layer
 from safetensors.torch import load_file, save_file
-from srckit import BASE_MODEL
+from tests.serving.srckit import BASE_MODEL
 
 from lorax_adapter_source import compressed as lc
 
 pytestmark = pytest.mark.lorax
 
-import loraxkit as lx  # noqa: E402  (tests/lorax is on sys.path via conftest)
+from tests.lorax import loraxkit as lx  # noqa: E402  (tests/lorax is on sys.path via conftest)
 
 NAMES = ["a0", "a1", "b0"]
 TOKEN_ADAPTER = [0, 0, 0, -1, -1, 1, 1, 2, 2, 2, -1]  # prefill: contiguous per request

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest_bundles, shared with signing
 
-from regkit import MAX_BLOB, Owner, Registry, Server
+from tests.registry.regkit import MAX_BLOB, Owner, Registry, Server
 
 
 @pytest.fixture(scope="session")

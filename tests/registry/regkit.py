@@ -25,8 +25,8 @@ from soppu_registry.auth import issue_token
 from soppu_registry.storage import Storage
 from soppu_client.format import signing
 
-import conftest_bundles  # tests/ is on sys.path (tests/registry/conftest.py)
-from conftest_bundles import BASE_MODEL, RANK  # noqa: F401  (BASE_MODEL re-exported for the registry tests)
+from tests import conftest_bundles  # tests/ is on sys.path (tests/registry/conftest.py)
+from tests.conftest_bundles import BASE_MODEL, RANK  # noqa: F401  (BASE_MODEL re-exported for the registry tests)
 
 MAX_BLOB = 1 << 20
 FUTURE = "2099-01-01T00:00:00Z"

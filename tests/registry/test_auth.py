@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from regkit import BASE_MODEL, Owner, Registry, Server, auth, error_code, free_port, new_owner, put_blob, upload_blobs
+from tests.registry.regkit import BASE_MODEL, Owner, Registry, Server, auth, error_code, free_port, new_owner, put_blob, upload_blobs
 
 from soppu_registry.auth import issue_token
 from soppu_registry.storage import Storage

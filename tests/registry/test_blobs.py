@@ -12,7 +12,7 @@ import sys
 import time
 
 import requests
-from regkit import MAX_BLOB, Owner, Registry, auth, error_code, put_blob
+from tests.registry.regkit import MAX_BLOB, Owner, Registry, auth, error_code, put_blob
 
 from soppu_client.format import signing
 from soppu_client.registry_client import RegistryClient

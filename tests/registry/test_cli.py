@@ -8,7 +8,7 @@ from pathlib import Path
 
 import requests
 from click.testing import CliRunner
-from regkit import REGISTRY_BIN, Owner, Registry, auth, free_port, make_bundle
+from tests.registry.regkit import REGISTRY_BIN, Owner, Registry, auth, free_port, make_bundle
 
 from soppu_client.format import signing
 from soppu_client.cli.upload import rotate_key_proof, upload

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import requests
-from regkit import Owner, Server, auth, new_owner
+from tests.registry.regkit import Owner, Server, auth, new_owner
 
 from soppu_registry.storage import Storage
 from soppu_client.format import signing

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import requests
-from regkit import REGISTRY_BIN, Server, auth, error_code, new_owner, publish, put_blob, upload_blobs
+from tests.registry.regkit import REGISTRY_BIN, Server, auth, error_code, new_owner, publish, put_blob, upload_blobs
 
 from soppu_registry.auth import issue_token
 from soppu_registry.storage import Storage

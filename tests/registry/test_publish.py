@@ -11,7 +11,7 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from regkit import BASE_MODEL, Owner, Registry, auth, error_code, make_bundle, publish, put_blob, upload_blobs
+from tests.registry.regkit import BASE_MODEL, Owner, Registry, auth, error_code, make_bundle, publish, put_blob, upload_blobs
 
 from soppu_client.format import signing
 from soppu_client.format.errors import RegistryError

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-import srckit
+from tests.serving import srckit
 import torch
 from safetensors.torch import load_file
 

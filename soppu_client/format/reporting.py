@@ -1,4 +1,5 @@
-"""Shared plumbing of the `soppu` click commands: error reporting, JSON output, progress bars."""
+"""The one reporting convention of every SOPPU entry point (`soppu`, `soppu-registry`, `soppu-cache`):
+errors -> message and exit code (0 ok, 1 failed check, 2 bad usage or input), `--json` output, progress."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
-import srckit
+from tests.serving import srckit
 
 from soppu_client.format.fsutil import file_digest
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest_bundles import make_bundle
+from tests.conftest_bundles import make_bundle
 from soppu_client.format import signing
 from soppu_client.cli.signing import COMMANDS, keygen, sign, verify_signature
 from soppu_client.format.errors import BundleError, InputError, SignatureError

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import srckit
+from tests.serving import srckit
 import torch
 
 from lorax_adapter_source.source import SoppuModelSource, get_soppu_local_dir

@@ -8,7 +8,7 @@ import json
 import subprocess
 from pathlib import Path
 
-import srckit
+from tests.serving import srckit
 
 from soppu_serving.materialize import forget_resolutions
 from lorax_adapter_source.compressed import load_compressed

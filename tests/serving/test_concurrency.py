@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-import srckit
+from tests.serving import srckit
 
 WORKER = Path(__file__).with_name("fetch_worker.py")
 
