@@ -75,6 +75,11 @@ def _machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def _sig(value: float, digits: int = 4) -> float:
+    """``value`` to ``digits`` significant digits (fixed decimals would erase sub-microsecond CPU times)."""
+    return float(f"{value:.{digits}g}")
+
+
 def _timer(
     device: torch.device, warmup: int, repeats: int, inner: int = 1
 ) -> Callable[[dict[str, Callable[[], Any]]], dict[str, tuple[float, float]]]:
@@ -207,8 +212,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "adapters": N,
                         "popularity": pop,
                         "distinct_adapters_in_batch": int(torch.unique(idx).numel()),
-                        "times_ms": {key: round(v, 4) for key, v in times.items()},
-                        "min_ms": {key: round(mn, 4) for key, (_, mn) in timed.items()},
+                        "times_ms": {key: _sig(v) for key, v in times.items()},
+                        "min_ms": {key: _sig(mn) for key, (_, mn) in timed.items()},
                         "ratio_to_one_lora": {key: round(v / t_one, 3) for key, v in times.items()},
                         "ratio_to_uncompressed": {
                             key: round(v / uncompressed, 3)
