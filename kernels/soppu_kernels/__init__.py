@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 
 from . import reference
-from ._routing import Routing, route_tokens, segments_from_index
+from ._routing import Routing, identity_routing, route_tokens, segments_from_index
 
 __all__ = [
     "BACKENDS",
@@ -35,6 +35,7 @@ __all__ = [
     "core_segment_mv",
     "dense_lora",
     "expand",
+    "identity_routing",
     "reference",
     "route_tokens",
     "segments_from_index",

@@ -51,6 +51,25 @@ def route_tokens(
     )
 
 
+def identity_routing(num_tokens: int, device: torch.device | str) -> Routing:
+    """Semantics: every token in cluster 0, in its own order (one basis: no sort, no search).
+
+    For C == 1 in place of ``route_tokens``: the GEMMs then also run over tokens without an
+    adapter, which is exact because their core product is zero (the core multiply writes g[t] = 0
+    for index -1), so expand adds exactly 0 to their rows. Three small device ops, no host sync
+    (CUDA-graph capturable). Returns a new ``Routing`` with token_cluster all 0.
+    """
+    order = torch.arange(num_tokens, dtype=torch.int32, device=device)
+    # [0, T] without a host-to-device copy (capturable); T == 0 gives [0, 0].
+    cluster_start = torch.arange(2, dtype=torch.int32, device=device) * num_tokens
+    return Routing(
+        token_cluster=torch.zeros(num_tokens, dtype=torch.int32, device=device),
+        order=order,
+        cluster_start=cluster_start,
+        num_clusters=1,
+    )
+
+
 def segments_from_index(adapter_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Semantics: run-length encode adapter_index into segments of equal consecutive values.
 

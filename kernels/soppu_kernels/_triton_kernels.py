@@ -8,7 +8,13 @@ Conventions for every kernel here:
 * ``PREC``: tl.dot input_precision, "ieee" when operands are float32 (matches the reference),
   "tf32" otherwise (ignored for fp16/bf16);
 * an adapter index of -1 means "no adapter": that token is skipped (y untouched, g = 0);
-* tl.dot needs every tile dimension >= 16, so rank tiles are padded to max(16, next_pow2(k)).
+* tl.dot needs every tile dimension >= 16, so rank tiles are padded to max(16, next_pow2(k));
+* matrix-vector loops (decode, BGMV shrink) accumulate products in a 2-D register tile and reduce
+  once after the loop. The vector is loaded as a tile broadcast along the other axis, with the
+  same pointer structure as the matrix tile, so both get one layout and the loop needs no
+  layout change through shared memory (no barrier). Where the matrix is contiguous along the
+  rank axis and x along d, the unit strides are kept unspecialised (``do_not_specialize``) for
+  that. ``_compile_check.loop_barriers`` checks the PTX.
 """
 
 from __future__ import annotations
@@ -69,8 +75,8 @@ def shrink_kernel(
             acc = tl.dot(xt, vt, acc, input_precision=PREC)
         h_ptrs = h_ptr + tok[:, None] * stride_ht + cols[None, :] * stride_hk
         hmask = rmask[:, None] & cmask[None, :]
-        if ATOMIC:
-            tl.atomic_add(h_ptrs, acc, mask=hmask)
+        if ATOMIC:  # relaxed: the adds only need atomicity; no ordering with other memory ops
+            tl.atomic_add(h_ptrs, acc, mask=hmask, sem="relaxed")
         else:
             tl.store(h_ptrs, acc, mask=hmask)
 
@@ -206,44 +212,112 @@ def core_sgmv_kernel(
             tl.store(g_ptr + rows[:, None] * stride_gt + ii[None, :] * stride_gk, out, mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_xd", "stride_vk"])
+def decode_shrink_kernel(
+    h_ptr, x_ptr, v_ptr, idx_ptr, coa_ptr,
+    d_in, k,
+    stride_ht, stride_hk,
+    stride_xt, stride_xd,
+    stride_vc, stride_vd, stride_vk,
+    HAS_COA: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Semantics: h[t] (+)= V[c].T @ x[t] over program j's share of d_in, for a = idx[t] >= 0, c = coa[a].
+
+    Grid (T, SPLIT_D), the first half of the two-launch decode path: V[c] is read once per token
+    in total, split over SPLIT_D programs. ATOMIC (SPLIT_D > 1): relaxed atomic adds into h, which
+    the caller zero-initialises; otherwise h[t] is stored. Tokens with a == -1 write nothing.
+    Products accumulate in a [BLOCK_D, BLOCK_K] register tile, reduced once after the loop (no
+    barrier inside it). x [T, d_in], V [C, d_in, k] one dtype; h [T, k] float32; coa unused
+    without HAS_COA (one cluster).
+    """
+    t = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    a = tl.load(idx_ptr + t).to(tl.int64)
+    if a >= 0:
+        if HAS_COA:
+            c = tl.load(coa_ptr + a).to(tl.int64)
+        else:
+            c = 0
+        kk = tl.arange(0, BLOCK_K)
+        kmask = kk < k
+        chunk = tl.cdiv(tl.cdiv(d_in, tl.num_programs(1)), BLOCK_D) * BLOCK_D
+        d_lo = pid_d * chunk
+        d_hi = tl.minimum(d_in, d_lo + chunk)
+        v_base = v_ptr + c * stride_vc
+        acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=tl.float32)
+        for d0 in range(d_lo, d_hi, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            dmask = dd < d_hi
+            xv = tl.load(  # x[t, dd] broadcast along k: V's tile layout (see module docstring)
+                x_ptr + t * stride_xt + dd[:, None] * stride_xd + kk[None, :] * 0,
+                mask=dmask[:, None] & kmask[None, :], other=0.0,
+            ).to(tl.float32)
+            vt = tl.load(
+                v_base + dd[:, None] * stride_vd + kk[None, :] * stride_vk,
+                mask=dmask[:, None] & kmask[None, :], other=0.0,
+            ).to(tl.float32)
+            acc += xv * vt
+        h = tl.sum(acc, axis=0)
+        h_ptrs = h_ptr + t * stride_ht + kk * stride_hk
+        if ATOMIC:
+            tl.atomic_add(h_ptrs, h, mask=kmask, sem="relaxed")
+        else:
+            tl.store(h_ptrs, h, mask=kmask)
+
+
+@triton.jit(do_not_specialize=["stride_xd", "stride_vk"])
 def fused_decode_kernel(
-    y_ptr, x_ptr, u_ptr, v_ptr, s_ptr, idx_ptr, coa_ptr,
+    y_ptr, x_ptr, u_ptr, v_ptr, s_ptr, idx_ptr, coa_ptr, h_ptr,
     d_in, d_out, k,
     stride_yt, stride_yd,
     stride_xt, stride_xd,
     stride_uc, stride_ud, stride_uk,
     stride_vc, stride_vd, stride_vk,
     stride_sn, stride_si, stride_sj,
-    DIAG: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_ht, stride_hk,
+    DIAG: tl.constexpr, HAS_COA: tl.constexpr, H_GIVEN: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Semantics: y[t, n-block] += U[c] @ (S[a] @ (V[c].T @ x[t])) for a = idx[t] >= 0, c = coa[a], in one launch.
+    """Semantics: y[t, n-blocks] += U[c] @ (S[a] @ (V[c].T @ x[t])) for a = idx[t] >= 0, c = coa[a].
 
-    Grid (T, P): each of a token's P programs computes h = V[c].T x[t] (V stays in L2 across
-    them), applies the core, and updates the BLOCK_N slices j, j + P, ... of y[t]. For decode
-    batches, where three launches and a sort cost more than this recompute (P x d_in x k flops per
-    token). No tl.dot: fp32 math throughout.
+    Grid (T, P): program j of token t updates the BLOCK_N slices j, j + P, ... of y[t].
+    Without H_GIVEN (the one-launch decode path) every program computes h = V[c].T x[t] itself
+    (V stays in L2 across a token's P programs), accumulating products in a [BLOCK_D, BLOCK_K]
+    register tile that is reduced once after the d-loop (no barrier inside it). With H_GIVEN
+    (the two-launch path) h[t] was computed once by ``decode_shrink_kernel`` and is read from h.
+    Then g = S[a] h and the expand. No tl.dot: fp32 math throughout.
     y [T, d_out] (modified in place), x [T, d_in], U [C, d_out, k], V [C, d_in, k] one dtype;
-    S [N, k, k] or [N, k]; idx [T]; coa [N].
+    S [N, k, k] or [N, k]; idx [T]; coa [N] (unused without HAS_COA: one cluster);
+    h [T, k] float32 (read with H_GIVEN only; x and V are then unused).
     """
     t = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     a = tl.load(idx_ptr + t).to(tl.int64)
     if a >= 0:
-        c = tl.load(coa_ptr + a).to(tl.int64)
+        if HAS_COA:
+            c = tl.load(coa_ptr + a).to(tl.int64)
+        else:
+            c = 0
         kk = tl.arange(0, BLOCK_K)
         kmask = kk < k
-        v_base = v_ptr + c * stride_vc
-        h = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for d0 in range(0, d_in, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            dmask = dd < d_in
-            xv = tl.load(x_ptr + t * stride_xt + dd * stride_xd, mask=dmask, other=0.0).to(tl.float32)
-            vt = tl.load(
-                v_base + dd[:, None] * stride_vd + kk[None, :] * stride_vk,
-                mask=dmask[:, None] & kmask[None, :], other=0.0,
-            ).to(tl.float32)
-            h += tl.sum(xv[:, None] * vt, axis=0)
+        if H_GIVEN:
+            h = tl.load(h_ptr + t * stride_ht + kk * stride_hk, mask=kmask, other=0.0)
+        else:
+            v_base = v_ptr + c * stride_vc
+            acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=tl.float32)
+            for d0 in range(0, d_in, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                dmask = dd < d_in
+                xv = tl.load(  # x[t, dd] broadcast along k: V's tile layout (see module docstring)
+                    x_ptr + t * stride_xt + dd[:, None] * stride_xd + kk[None, :] * 0,
+                    mask=dmask[:, None] & kmask[None, :], other=0.0,
+                ).to(tl.float32)
+                vt = tl.load(
+                    v_base + dd[:, None] * stride_vd + kk[None, :] * stride_vk,
+                    mask=dmask[:, None] & kmask[None, :], other=0.0,
+                ).to(tl.float32)
+                acc += xv * vt
+            h = tl.sum(acc, axis=0)
         s_base = s_ptr + a * stride_sn
         if DIAG:
             g = h * tl.load(s_base + kk * stride_si, mask=kmask, other=0.0).to(tl.float32)
@@ -278,25 +352,29 @@ def lora_shrink_bgmv_kernel(
 ):
     """Semantics: mid[t] = A[a] @ x[t] for a = idx[t] >= 0 (uncompressed LoRA, BGMV shrink); mid[t] = 0 for -1.
 
-    Grid (T,). x [T, d_in]; A [N, r, d_in] same dtype; mid [T, r] float32.
+    Grid (T,). Products accumulate in a [BLOCK_R, BLOCK_D] register tile, reduced once after the
+    d-loop (no barrier inside it). x [T, d_in]; A [N, r, d_in] same dtype; mid [T, r] float32.
     """
     t = tl.program_id(0).to(tl.int64)
     a = tl.load(idx_ptr + t).to(tl.int64)
     rr = tl.arange(0, BLOCK_R)
     rmask = rr < r
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     if a >= 0:
         a_base = a_ptr + a * stride_an
         for d0 in range(0, d_in, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             dmask = dd < d_in
-            xv = tl.load(x_ptr + t * stride_xt + dd * stride_xd, mask=dmask, other=0.0).to(tl.float32)
+            xv = tl.load(  # x[t, dd] broadcast along r: A's tile layout (see module docstring)
+                x_ptr + t * stride_xt + rr[:, None] * 0 + dd[None, :] * stride_xd,
+                mask=rmask[:, None] & dmask[None, :], other=0.0,
+            ).to(tl.float32)
             at = tl.load(
                 a_base + rr[:, None] * stride_ar + dd[None, :] * stride_ad,
                 mask=rmask[:, None] & dmask[None, :], other=0.0,
             ).to(tl.float32)
-            acc += tl.sum(at * xv[None, :], axis=1)
-    tl.store(mid_ptr + t * stride_mt + rr * stride_mr, acc, mask=rmask)
+            acc += at * xv
+    tl.store(mid_ptr + t * stride_mt + rr * stride_mr, tl.sum(acc, axis=1), mask=rmask)
 
 
 @triton.jit
@@ -338,6 +416,7 @@ ALL_KERNELS = {
     "expand_kernel": expand_kernel,
     "core_bgmv_kernel": core_bgmv_kernel,
     "core_sgmv_kernel": core_sgmv_kernel,
+    "decode_shrink_kernel": decode_shrink_kernel,
     "fused_decode_kernel": fused_decode_kernel,
     "lora_shrink_bgmv_kernel": lora_shrink_bgmv_kernel,
     "lora_expand_bgmv_kernel": lora_expand_bgmv_kernel,

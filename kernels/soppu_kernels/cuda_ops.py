@@ -104,11 +104,14 @@ def gemm_pipeline(
     """Semantics: y[t] += U[c] @ (core_fn(V[c].T @ x[t])) for a = adapter_index[t] >= 0, c = cluster_of_adapter[a].
 
     torch GEMMs around a per-token core multiply ``core_fn(h, S, adapter_index, diag=diag)``
-    (the CUDA kernel on a GPU; any backend's core, so this glue is tested on CPU). With C
-    clusters, h = x @ [V_0 .. V_{C-1}] is one GEMM of width C*k (output in x's dtype); each token
-    keeps its cluster's k columns, the core runs, and the result is placed in
-    its cluster's k columns of a zero [T, C*k] block before one GEMM with [U_0 .. U_{C-1}].T
-    (C times the flops of per-cluster GEMMs; C is small). No host sync. y is modified in place.
+    (the CUDA kernel on a GPU; any backend's core, so this glue is tested on CPU), which must
+    return g[t] = 0 for index -1 (every core here does; the tests check it). With one cluster:
+    h = x @ V[0], g = core(h), ``y.addmm_(g, U[0].T)``. With C clusters, h = x @ [V_0 .. V_{C-1}]
+    is one GEMM of width C*k (output in x's dtype); each token keeps its cluster's k columns, the
+    core runs, and the result is placed in its cluster's k columns of a zero [T, C*k] block before
+    one ``addmm_`` with [U_0 .. U_{C-1}].T (C times the flops of per-cluster GEMMs; C is small).
+    The epilogue is exact for rows with index -1: their g rows are zero, so they get y + 0.
+    No host sync. y is modified in place (g is rounded to y's dtype before the last GEMM).
     """
     check_shared_basis(y, x, U, V, S, adapter_index, cluster_of_adapter, diag=diag)
     check_same_float_dtype("shared_basis_lora", y=y, x=x, U=U, V=V)
@@ -116,20 +119,20 @@ def gemm_pipeline(
     C, d_out, k = U.shape
     if T == 0 or k == 0:
         return y
+    if C == 1:
+        h = (x @ V[0]).float()
+        g = core_fn(h, S, adapter_index, diag=diag)  # 0 rows where idx == -1
+        return y.addmm_(g.to(U.dtype), U[0].T)
     idx = adapter_index.long()
-    has = idx >= 0
     if cluster_of_adapter is None:
         tc = torch.zeros_like(idx)
     else:
-        tc = torch.where(has, cluster_of_adapter.long()[idx.clamp_min(0)], 0)
+        tc = torch.where(idx >= 0, cluster_of_adapter.long()[idx.clamp_min(0)], 0)
     V_cat = V.permute(1, 0, 2).reshape(V.shape[1], C * k)  # [d_in, C*k]
     h_all = (x @ V_cat).float().view(T, C, k)
     h = h_all.gather(1, tc.view(T, 1, 1).expand(T, 1, k)).squeeze(1)  # [T, k]
     g = core_fn(h, S, adapter_index, diag=diag)  # 0 rows where idx == -1
-    g_pad = torch.zeros(T, C, k, dtype=torch.float32, device=x.device)
-    g_pad.scatter_(1, tc.view(T, 1, 1).expand(T, 1, k), g.view(T, 1, k))
+    g_pad = torch.zeros(T, C, k, dtype=U.dtype, device=x.device)
+    g_pad.scatter_(1, tc.view(T, 1, 1).expand(T, 1, k), g.view(T, 1, k).to(U.dtype))
     U_cat = U.permute(1, 0, 2).reshape(d_out, C * k)  # [d_out, C*k]
-    delta = g_pad.view(T, C * k).to(U.dtype) @ U_cat.T
-    rows = has.view(T, 1)
-    y.copy_(torch.where(rows, (y.float() + delta.float()).to(y.dtype), y))
-    return y
+    return y.addmm_(g_pad.view(T, C * k), U_cat.T)

@@ -12,7 +12,7 @@ import torch
 import triton
 
 from . import _triton_kernels as K
-from ._routing import Routing, route_tokens
+from ._routing import Routing, identity_routing, route_tokens
 from ._validate import check_core_mv, check_dense_lora, check_same_float_dtype, check_shared_basis
 
 __all__ = [
@@ -60,6 +60,23 @@ def _check_device(*tensors: torch.Tensor) -> None:
 _TARGET_PROGRAMS = 264
 
 
+def _gemm_blocks(T: int, k: int, dtype: torch.dtype, op: str) -> tuple[int, int]:
+    """(BLOCK_M, second tile size) for the ``op`` ("shrink": BLOCK_K over d_in; "expand": BLOCK_N
+    over d_out) GEMM tiles, by batch size and dtype.
+
+    fp16/bf16 tiles go to tensor cores. fp32 tiles (ieee dot on CUDA cores) keep operands and
+    accumulator in registers, and 64-wide tiles spill (expand at rank 64 most), so fp32 takes
+    32-wide tiles, and 16-deep shrink steps above rank 32. ``_compile_check`` compiles these
+    settings and reads ptxas' spill count (kept in step with this function by hand).
+    """
+    block_m = 16 if T <= 16 else (32 if T <= 64 else 64)
+    if interpreting():
+        return block_m, 128
+    if dtype == torch.float32:
+        return min(block_m, 32), (16 if op == "shrink" and k > 32 else 32)
+    return block_m, 64
+
+
 def shrink(
     x: torch.Tensor, V: torch.Tensor, routing: Routing, *, split_k: int | None = None
 ) -> torch.Tensor:
@@ -78,8 +95,7 @@ def shrink(
     if T == 0 or k == 0:
         return h
     cast, prec = _dot_flags(x.dtype)
-    block_m = 16 if T <= 16 else (32 if T <= 64 else 64)
-    block_k = 128 if interpreting() else 64
+    block_m, block_k = _gemm_blocks(T, k, x.dtype, "shrink")
     m_blocks = triton.cdiv(T, block_m)
     if split_k is None:
         max_split = triton.cdiv(d_in, 4 * block_k)  # at least 4 K-steps per program
@@ -112,8 +128,7 @@ def expand(y: torch.Tensor, g: torch.Tensor, U: torch.Tensor, routing: Routing) 
         return y
     g = g.float()
     cast, prec = _dot_flags(y.dtype)
-    block_m = 16 if T <= 16 else (32 if T <= 64 else 64)
-    block_n = 128 if interpreting() else 64
+    block_m, block_n = _gemm_blocks(T, k, y.dtype, "expand")
     grid = (triton.cdiv(T, block_m), triton.cdiv(d_out, block_n), C)
     K.expand_kernel[grid](
         y, g, U, routing.order, routing.cluster_start,
@@ -212,12 +227,20 @@ def shared_basis_lora_fused(
     *,
     diag: bool,
     programs_per_token: int | None = None,
+    shared_h: bool = False,
+    split_d: int | None = None,
 ) -> torch.Tensor:
     """Semantics: y[t] += U[c] @ (S[a] @ (V[c].T @ x[t])) for a = adapter_index[t] >= 0, c = cluster_of_adapter[a].
 
-    One launch, the decode path: no routing sort, no intermediates. Shapes and dtypes as ``shared_basis_lora``;
-    y is modified in place and returned. programs_per_token: programs splitting d_out for each
-    token (each recomputes V[c].T x[t]); None picks one from the batch size.
+    The decode path: no routing sort, no per-cluster grouping. Shapes and dtypes as
+    ``shared_basis_lora``; y is modified in place and returned. No host sync.
+
+    shared_h=False: one launch; each of a token's ``programs_per_token`` programs (splitting d_out)
+    recomputes h = V[c].T x[t] (P reads of V[c] from L2 per token).
+    shared_h=True: two launches (plus a zero fill when split_d > 1): ``decode_shrink_kernel``
+    computes h once per token, split over ``split_d`` programs along d_in (relaxed atomic adds),
+    then the core and expand read it. benchmarks/serve.py times both (``triton_fused`` /
+    ``triton_fused2``). programs_per_token / split_d: None picks them from the batch size.
     """
     check_shared_basis(y, x, U, V, S, adapter_index, cluster_of_adapter, diag=diag)
     check_same_float_dtype("shared_basis_lora_fused", y=y, x=x, U=U, V=V)
@@ -226,24 +249,43 @@ def shared_basis_lora_fused(
     C, d_out, k = U.shape
     if T == 0 or k == 0:
         return y
-    if cluster_of_adapter is None:
-        cluster_of_adapter = torch.zeros(S.shape[0], dtype=torch.int32, device=x.device)
+    has_coa = cluster_of_adapter is not None and C > 1
+    coa = cluster_of_adapter if has_coa else adapter_index  # unused by the kernel without HAS_COA
     block_n = 256 if interpreting() else 128
     block_k = _rank_block(k, for_dot=False)
+    # [BLOCK_D, BLOCK_K] fp32 accumulator tile: 4096 elements = 32 registers a thread at 4 warps.
     block_d = max(16, min(256 if interpreting() else 128, 4096 // block_k))
     n_blocks = triton.cdiv(d_out, block_n)
     per_token = programs_per_token
     if per_token is None:
         per_token = 1 if interpreting() else max(1, min(n_blocks, triton.cdiv(_TARGET_PROGRAMS, T)))
+    h = x  # placeholder pointer, unused without H_GIVEN
+    if shared_h:
+        if split_d is None:
+            max_split = triton.cdiv(d_in, 2 * block_d)  # at least 2 d-steps per program
+            split_d = 1 if interpreting() else max(1, min(max_split, triton.cdiv(_TARGET_PROGRAMS, T)))
+        split_d = max(1, min(split_d, triton.cdiv(d_in, block_d)))
+        alloc = torch.zeros if split_d > 1 else torch.empty
+        h = alloc(T, k, dtype=torch.float32, device=x.device)
+        K.decode_shrink_kernel[(T, split_d)](
+            h, x, V, adapter_index, coa,
+            d_in, k,
+            h.stride(0), h.stride(1),
+            x.stride(0), x.stride(1),
+            V.stride(0), V.stride(1), V.stride(2),
+            HAS_COA=has_coa, ATOMIC=split_d > 1, BLOCK_D=block_d, BLOCK_K=block_k,
+        )
     K.fused_decode_kernel[(T, per_token)](
-        y, x, U, V, S, adapter_index, cluster_of_adapter,
+        y, x, U, V, S, adapter_index, coa, h,
         d_in, d_out, k,
         y.stride(0), y.stride(1),
         x.stride(0), x.stride(1),
         U.stride(0), U.stride(1), U.stride(2),
         V.stride(0), V.stride(1), V.stride(2),
         *_s_strides(S, diag),
-        DIAG=diag, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_K=block_k,
+        h.stride(0), h.stride(1),
+        DIAG=diag, HAS_COA=has_coa, H_GIVEN=shared_h,
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return y
 
@@ -265,7 +307,8 @@ def shared_basis_lora(
     y: [T, d_out] (modified in place and returned).  x: [T, d_in].  U: [C, d_out, k] and
     V: [C, d_in, k]; x, y, U, V share one dtype (fp16/bf16/fp32).  S: [N, k, k] or [N, k], any float.
     adapter_index: [T] int32/int64 in [-1, N).  cluster_of_adapter: [N] int in [0, C), or None (C = 1).
-    path: "gemm" (route, shrink GEMM per cluster, BGMV core, expand GEMM per cluster), "fused"
+    path: "gemm" (route, shrink GEMM per cluster, BGMV core, expand GEMM per cluster; with one
+    cluster the tokens keep their order: ``identity_routing``), "fused"
     (one launch, decode), or "auto" (fused for T <= FUSED_MAX_TOKENS). No host sync on either path.
     """
     if path not in ("auto", "gemm", "fused"):
@@ -277,7 +320,10 @@ def shared_basis_lora(
         )
     check_shared_basis(y, x, U, V, S, adapter_index, cluster_of_adapter, diag=diag)
     check_same_float_dtype("shared_basis_lora", y=y, x=x, U=U, V=V)
-    routing = route_tokens(adapter_index, cluster_of_adapter, U.shape[0])
+    if U.shape[0] == 1:  # one basis: no sort (exact: rows with index -1 get g = 0, so y += 0)
+        routing = identity_routing(T, x.device)
+    else:
+        routing = route_tokens(adapter_index, cluster_of_adapter, U.shape[0])
     h = shrink(x, V, routing)
     g = core_gather_mv(h, S, adapter_index, diag=diag)
     return expand(y, g, U, routing)

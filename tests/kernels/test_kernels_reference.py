@@ -65,6 +65,68 @@ def test_cuda_path_glue_on_cpu(case: Case) -> None:
     assert_matches_reference(out, ref, y0, inp["adapter_index"], case.dtype)
 
 
+def test_gemm_glue_epilogue_is_one_addmm() -> None:
+    """The torch-GEMM epilogue adds in place: one addmm_ is the only op over [T, d_out] (no
+    where / copy_ passes), for one and several clusters."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+            self.paused = False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            if not self.paused:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+                self.names.append((func.__name__, shape))
+            return out
+
+    def core(*a, **kw):  # type: ignore[no-untyped-def]  # the core's own ops are not the epilogue's
+        ops.paused = True
+        try:
+            return R.core_gather_mv_ref(*a, **kw)
+        finally:
+            ops.paused = False
+
+    for C in (1, 3):
+        case = Case(T=9, d_in=20, d_out=14, k=4, N=5, C=C, popularity="zipf", neg_frac=0.3,
+                    dtype="fp16", diag=False)
+        inp = make_inputs(case, seed=4)
+        y0 = inp["y"].clone()
+        args = (inp["x"], inp["U"], inp["V"], inp["S"], inp["adapter_index"], inp["cluster_of_adapter"])
+        ref = R.shared_basis_lora_ref(y0.clone(), *args, diag=False)
+        y = y0.clone()
+        ops = Ops()
+        with ops:
+            out = gemm_pipeline(y, *args, diag=False, core_fn=core)
+        assert_matches_reference(out, ref, y0, inp["adapter_index"], "fp16")
+        full = [name for name, shape in ops.names if shape == (case.T, case.d_out)]
+        assert full == ["addmm_.default"], f"ops over [T, d_out]: {full}"
+
+
+def test_identity_routing_is_exact_at_one_cluster() -> None:
+    """One basis: no sort; tokens without adapter go through the GEMMs with g = 0, y unchanged."""
+    r = sk.identity_routing(5, "cpu")
+    assert r.order.tolist() == [0, 1, 2, 3, 4] and r.cluster_start.tolist() == [0, 5]
+    assert r.token_cluster.tolist() == [0] * 5 and r.num_clusters == 1
+    assert sk.identity_routing(0, "cpu").cluster_start.tolist() == [0, 0]
+    case = Case(T=11, d_in=40, d_out=24, k=8, N=4, C=1, popularity="zipf", neg_frac=0.4,
+                dtype="bf16", diag=False)
+    inp = make_inputs(case, seed=5)
+    assert bool((inp["adapter_index"] < 0).any())
+    y0 = inp["y"].clone()
+    full = R.shared_basis_lora_ref(y0.clone(), inp["x"], inp["U"], inp["V"], inp["S"], inp["adapter_index"],
+                                   None, diag=False)
+    r = sk.identity_routing(case.T, "cpu")
+    h = sk.shrink(inp["x"], inp["V"], r, backend="reference")
+    g = sk.core_gather_mv(h, inp["S"], inp["adapter_index"], diag=False, backend="reference")
+    assert bool((g[inp["adapter_index"] < 0] == 0).all())
+    y = sk.expand(y0.clone(), g, inp["U"], r, backend="reference")
+    assert_matches_reference(y, full, y0, inp["adapter_index"], case.dtype)
+
+
 def test_route_tokens_groups_by_cluster() -> None:
     idx = torch.tensor([2, -1, 0, 1, -1, 2, 3])
     coa = torch.tensor([1, 0, 1, 2])

@@ -47,6 +47,21 @@ def test_fused_decode_path_matches_reference(case: Case) -> None:
     _run(case, seed=11, path="fused")
 
 
+@pytest.mark.parametrize("case", case_grid(30)[1::4], ids=lambda c: c.id)
+def test_two_launch_decode_path_matches_reference(case: Case) -> None:
+    """shared_h: h computed once per token (split over d_in, relaxed atomic adds), then core + expand."""
+    from soppu_kernels import triton_ops
+
+    inp = make_inputs(case, DEVICE, seed=25)
+    y0 = inp["y"].clone()
+    args = (inp["x"], inp["U"], inp["V"], inp["S"], inp["adapter_index"], inp["cluster_of_adapter"])
+    ref = R.shared_basis_lora_ref(y0.clone(), *args, diag=case.diag)
+    for split_d in (None, 3):
+        out = triton_ops.shared_basis_lora_fused(y0.clone(), *args, diag=case.diag, shared_h=True,
+                                                 split_d=split_d, programs_per_token=2)
+        assert_matches_reference(out, ref, y0, inp["adapter_index"], case.dtype, gpu=ON_GPU)
+
+
 @pytest.mark.parametrize("split", [2, 3])
 def test_split_k_shrink_and_split_n_fused(split: int) -> None:
     """The GPU launch shapes: split-K shrink (atomic adds, uneven d_in chunks) and several fused
