@@ -40,6 +40,7 @@ from soppu_registry.auth import issue_token
 from soppu_registry.storage import Storage
 from soppu_client.format import signing
 from soppu_client.format.errors import SoppuError
+from soppu_client.format.fsutil import atomic_write, file_digest
 from soppu_client.registry_client import RegistryClient
 
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -72,7 +73,7 @@ def write_bundle(root: Path, adapters: list[str], modules: dict[str, tuple[int, 
                   str(root / "cores" / f"{a}.safetensors"))
     files = {}
     for rel in ["basis.safetensors", *(f"cores/{a}.safetensors" for a in adapters)]:
-        digest, size = signing.file_digest(root / rel)
+        digest, size = file_digest(root / rel)
         files[rel] = {"sha256": digest, "size": size}
     manifest = {"format": "soppu-bundle/1", "base_model": BASE_MODEL, "method": "full", "rank": rank,
                 "dtype": "float32", "clusters": 1, "peft": {"target_modules": ["q_proj"], "fan_in_fan_out": False,
@@ -81,7 +82,7 @@ def write_bundle(root: Path, adapters: list[str], modules: dict[str, tuple[int, 
                 "adapters": {a: {"core": f"cores/{a}.safetensors", "cluster": 0, "source_rank": 8, "alpha": 16.0}
                              for a in adapters},
                 "files": files, "fit": {}, "metrics": {}}
-    signing.atomic_write(root / "manifest.json", json.dumps(manifest, sort_keys=True).encode())
+    atomic_write(root / "manifest.json", json.dumps(manifest, sort_keys=True).encode())
 
 
 @dataclass

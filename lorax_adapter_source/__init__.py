@@ -1,5 +1,6 @@
-"""SOPPU serving side: the adapter registry service, the LoRAX adapter source `soppu`, and the
-compressed adapter type for a patched LoRAX. Imports nothing from LoRAX at import time."""
+"""LoRAX glue: the adapter source ``soppu`` (:mod:`lorax_adapter_source.source`, over the
+engine-neutral ``soppu_serving``) and the compressed adapter type for a patched LoRAX
+(:mod:`lorax_adapter_source.compressed`). Imports nothing from LoRAX at import time."""
 
 from __future__ import annotations
 

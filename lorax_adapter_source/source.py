@@ -4,17 +4,10 @@ A patched LoRAX (see ``server_patches/``) routes ``adapter_source="soppu"`` here
 ``get_model_source`` builds a :class:`SoppuModelSource`, ``get_config_path`` / ``get_local_dir``
 call :func:`get_soppu_local_dir`. The adapter id is ``owner/name[@version]``.
 
-Environment (LoRAX process):
-
-    SOPPU_REGISTRY_URL     registry base URL (required), e.g. http://registry:8080
-    SOPPU_REGISTRY_TOKEN   token used when a request carries no api_token (e.g. preloaded adapters)
-    SOPPU_CACHE_DIR        cache root (default <HUGGINGFACE_HUB_CACHE>/soppu)
-    SOPPU_SERVE_FORMAT     ``peft`` (default: a standard LoRA dir, stock LoRAX kernels) or
-                           ``compressed`` (basis + cores, for a LoRAX with patches 0005-0007:
-                           each cluster's basis resident once, only cores per adapter)
-    SOPPU_TRUSTED_KEYS     optional dir of pinned owner keys <owner>.pub (default: the registry's)
-    SOPPU_RESOLVE_TTL      seconds a version lookup is reused within a process (default 5)
-    SOPPU_REGISTRY_TIMEOUT, SOPPU_REGISTRY_RETRIES   per-request timeout (30 s) and retries (2)
+Settings come from the LoRAX process's ``SOPPU_*`` environment variables, read once per source
+by :class:`soppu_serving.settings.Settings` (which lists and documents them all): at least
+``SOPPU_REGISTRY_URL``; ``SOPPU_SERVE_FORMAT=compressed`` serves the compressed form to a LoRAX
+with patches 0005-0008 (each cluster's basis resident once, only cores per adapter).
 
 Every lookup sends the request's token to the registry, so a cached adapter is still only served
 to a caller the registry lets read it. Errors are :class:`~soppu_client.format.errors.SoppuError`
@@ -30,13 +23,16 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Optional
 
-from soppu_serving.cache import LATEST, Cache
-from soppu_serving.materialize import AdapterRef, FetchStats, Resolved, materialize, registry_url, resolve
+from soppu_client.fetch import VersionRecord
+from soppu_client.format.refs import AdapterRef
+from soppu_serving.cache import LATEST, MARKER, Cache
+from soppu_serving.materialize import FetchStats, materialize, resolve
+from soppu_serving.settings import Settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from lorax_server.adapters.config import AdapterConfig
 
-__all__ = ["SoppuModelSource", "get_soppu_local_dir", "AdapterRef", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["SoppuModelSource", "get_soppu_local_dir", "WEIGHTS_NAME", "CONFIG_NAME"]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -49,7 +45,8 @@ def get_soppu_local_dir(model_id: str) -> Path:
     (a symlink, replaced atomically, to the newest version materialized on this host).
     """
     ref = AdapterRef.parse(model_id)
-    cache = Cache()  # the form comes from SOPPU_SERVE_FORMAT, as for the source
+    settings = Settings.from_env()  # the root and form the source uses
+    cache = Cache(settings.cache_root, settings.serve_format)
     if ref.version is not None:
         return cache.version_dir(ref.owner, ref.name, ref.version)
     return cache.adapter_root(ref.owner, ref.name) / LATEST
@@ -65,10 +62,11 @@ class SoppuModelSource:
         self.ref = AdapterRef.parse(model_id, revision)
         self.revision = revision
         self.extension = extension
-        self._api_token = api_token or os.environ.get("SOPPU_REGISTRY_TOKEN") or None
-        self._registry = registry
-        self.cache = Cache(cache_dir, form)
-        self._resolved: Resolved | None = None
+        # The environment, read once; explicit arguments win over it.
+        self.settings = Settings.from_env(cache_dir=cache_dir, registry_url=registry, serve_format=form)
+        self._api_token = api_token or self.settings.registry_token
+        self.cache = Cache(self.settings.cache_root, self.settings.serve_format)
+        self._resolved: VersionRecord | None = None
         self.last_stats: FetchStats | None = None
 
     # -- LoRAX interface ----------------------------------------------------------------------
@@ -78,7 +76,7 @@ class SoppuModelSource:
 
     @property
     def registry_url(self) -> str:
-        return (self._registry or registry_url()).rstrip("/")
+        return self.settings.require_registry_url()
 
     def remote_weight_files(self, extension: str = None) -> List[str]:
         extension = extension or self.extension
@@ -145,10 +143,10 @@ class SoppuModelSource:
         return load_adapter_config(config_path, adapter_config_path, self.api_token)
 
     # -- SOPPU specifics ----------------------------------------------------------------------
-    def resolve(self) -> Resolved:
+    def resolve(self) -> VersionRecord:
         """The version record for this adapter (checks the token; cached briefly per process)."""
         if self._resolved is None:
-            self._resolved = resolve(self.ref, self.registry_url, self.api_token)
+            self._resolved = resolve(self.ref, self.settings, self.api_token)
         return self._resolved
 
     def local_dir(self) -> Path:
@@ -159,11 +157,11 @@ class SoppuModelSource:
         return self.cache.version_dir(self.ref.owner, self.ref.name, version)
 
     def _materialize(self) -> Path:
-        local, stats = materialize(self.ref, token=self.api_token, url=self.registry_url, cache=self.cache,
-                                   resolved=self.resolve())
+        local, stats = materialize(self.ref, token=self.api_token, settings=self.settings, cache=self.cache,
+                                   record=self.resolve())
         self.last_stats = stats
         return local
 
     def provenance(self) -> dict[str, Any]:
         """soppu_source.json of the materialized version (registry, key id, statement digest, files)."""
-        return json.loads((self.local_dir() / "soppu_source.json").read_text(encoding="utf-8"))
+        return json.loads((self.local_dir() / MARKER).read_text(encoding="utf-8"))

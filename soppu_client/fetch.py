@@ -1,88 +1,236 @@
-"""Fetch a published basis from a registry, verified, for client-side projection (``soppu project``).
+"""Fetch a published version from a registry, verified: the one resolve + verify + download path.
 
-``fetch_published_basis(client, "owner/name[@version]", dest)`` writes ``dest/manifest.json`` and
-``dest/basis.safetensors`` of that published version, after:
+Every consumer of published adapters goes through :func:`fetch_verified` (``soppu project
+--onto-published`` via :func:`fetch_published_basis`; the serving side's materialization). Its
+steps, each passed before the next one starts:
 
-1. the version record (``GET /v1/adapters/...``) and the owner's key: ``public_key`` when given
-   (pinned), else the registered key the signature names (its id recomputed from the key bytes);
-2. ``verify_statement``: Ed25519 signature, expiry, owner, adapter name and version;
-3. both files streamed with their signed size and sha256, and the manifest checked to list the
-   same basis digest and base model as the signed statement.
+1. resolve (:func:`resolve_version`): the version record ``GET /v1/adapters/<owner>/<name>[/versions/<v>]``,
+   which must be for the owner, name and (pinned) version asked for;
+2. verify (:func:`verify_version`): the owner's key is ``public_key`` when given, else
+   ``<trusted_keys>/<owner>.pub`` when a pinned-keys dir is given, else the registered key the
+   signature names (its id recomputed from the key bytes); ``signing.verify_statement`` checks
+   the Ed25519 signature, expiry, owner, adapter name and version;
+3. download: manifest.json and the requested files, streamed with their signed size and sha256
+   (constant-time compare) -- or taken from ``reuse`` when the caller already holds a verified
+   copy -- and the manifest checked against the statement with ``signing.check_manifest``.
 
-Only the basis and the manifest come down: other adapters' cores never leave the registry. The
-result opens with ``Bundle.open(dest, verify_digests=False)`` (the cores it lists are absent).
+A caller that must act between the steps (the serving side: a cache hit needs only step 2, and
+the download runs under locks named by the signed digests) passes what it already has as
+``target``: an :class:`AdapterRef` (all steps), a :class:`VersionRecord` (steps 2-3) or a
+:class:`VerifiedVersion` (step 3).
+
+Registry refusals become :class:`RegistryError` naming the adapter and the step; ``explain``
+replaces that wording (the LoRAX source tells its clients what to send instead).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from soppu_client.format import signing
-from soppu_client.format.bundle import BASIS, MANIFEST, Bundle
-from soppu_client.format.errors import (
-    BundleError,
-    InputError,
-    RegistryError,
-    SignatureError,
-    VerificationError,
-)
+from soppu_client.format.bundle import Bundle
+from soppu_client.format.fsutil import link_or_copy, staged_dir
+from soppu_client.format.names import BASIS, MANIFEST
+from soppu_client.format.errors import BundleError, RegistryError, SignatureError, SoppuError, VerificationError
 from soppu_client.format.refs import AdapterRef
 from soppu_client.registry_client import BlobDigestError, RegistryClient
 
-__all__ = ["fetch_published_basis"]
+__all__ = ["Fetched", "VerifiedVersion", "VersionRecord", "fetch_published_basis", "fetch_verified",
+           "resolve_version", "verify_version"]
+
+# (the refusal, the step: "resolving the version", "fetching the owner's keys", "downloading <path>")
+# -> the error to raise instead
+Explain = Callable[[RegistryError, str], SoppuError]
+# (sha256, size) -> a local file already verified to hold exactly those bytes, or None
+Reuse = Callable[[str, int], Path | None]
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """The registry's version record for ``ref``: well-formed, not yet verified."""
+
+    ref: AdapterRef  # as asked (version None: the latest)
+    version: int  # the version the registry answered
+    signature: dict[str, Any]  # the signature document (statement, signature, key_id, ...)
+    record: dict[str, Any]
+    subject: str = "adapter"  # what errors call it: "soppu adapter", "published adapter"
+
+    @property
+    def label(self) -> str:
+        """``<subject> owner/name@version``: how every error after resolution names it."""
+        return f"{self.subject} {self.ref.owner}/{self.ref.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class VerifiedVersion:
+    """A version whose signed statement verified against the owner's key."""
+
+    record: VersionRecord
+    statement: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return self.record.label
+
+    def entries(self, paths: Sequence[str]) -> list[dict[str, Any]]:
+        """The signed entries (path, sha256, size) of ``paths``; VerificationError naming those not covered."""
+        by_path = {f["path"]: f for f in self.statement["files"]}
+        absent = [rel for rel in paths if rel not in by_path]
+        if absent:
+            raise VerificationError(f"{self.label}: the signed statement does not cover {', '.join(absent)}")
+        return [by_path[rel] for rel in paths]
+
+
+@dataclass
+class Fetched:
+    """What :func:`fetch_verified` wrote: every file at its bundle path under ``dir``."""
+
+    verified: VerifiedVersion
+    dir: Path
+    manifest: dict[str, Any]
+    downloaded: list[str] = field(default_factory=list)  # bundle paths fetched over the network, in order
+    reused: list[str] = field(default_factory=list)  # bundle paths taken from ``reuse``
+    bytes_downloaded: int = 0
+    fresh: dict[str, Path] = field(default_factory=dict)  # sha256 -> file this call downloaded (under ``dir``)
+
+    @property
+    def statement(self) -> dict[str, Any]:
+        return self.verified.statement
+
+
+def _refusal(err: RegistryError, what: str, who: str, explain: Explain | None) -> SoppuError:
+    if explain is not None:
+        return explain(err, what)
+    return RegistryError(f"{who}: registry error while {what}: {err}", status=err.status, code=err.code, url=err.url)
+
+
+def resolve_version(client: RegistryClient, ref: AdapterRef | str, *, subject: str = "adapter",
+                    explain: Explain | None = None) -> VersionRecord:
+    """Step 1: the version record of ``ref`` (latest when unpinned), checked to be the one asked for."""
+    if isinstance(ref, str):
+        ref = AdapterRef.parse(ref, label=subject)
+    try:
+        record = client.get_version(ref.owner, ref.name, ref.version)
+    except RegistryError as e:
+        raise _refusal(e, "resolving the version", f"{subject} {ref}", explain) from None
+    try:
+        version, sig = int(record["version"]), record["signature"]
+        if record.get("owner") != ref.owner or record.get("name") != ref.name or not isinstance(sig, dict):
+            raise KeyError("owner/name/signature")
+        if ref.version is not None and version != ref.version:
+            raise KeyError("version")
+    except (KeyError, TypeError, ValueError) as e:
+        raise RegistryError(f"{subject} {ref}: the registry at {client.base_url} answered a malformed version record "
+                            f"({e})", code="bad_record") from None
+    return VersionRecord(ref, version, sig, record, subject)
+
+
+def _owner_key(client: RegistryClient, rec: VersionRecord, public_key: Ed25519PublicKey | None,
+               trusted_keys: Path | None, explain: Explain | None) -> Ed25519PublicKey:
+    who = f"{rec.subject} {rec.ref}"
+    if public_key is not None:
+        return public_key
+    owner = rec.ref.owner
+    if trusted_keys is not None:
+        path = Path(trusted_keys) / f"{owner}.pub"
+        if not path.is_file():
+            raise SignatureError(f"{who}: no trusted key for owner {owner!r} in the pinned keys dir {trusted_keys} "
+                                 f"({path} is missing; add the owner's public key there)")
+        return signing.load_public_key(path)
+    try:
+        return client.registered_key(owner, rec.signature.get("key_id"))
+    except RegistryError as e:
+        raise _refusal(e, "fetching the owner's keys", who, explain) from None
+    except SignatureError as e:
+        raise SignatureError(f"{who}: bad signature: {e}") from None
+
+
+def verify_version(client: RegistryClient, record: VersionRecord, *, public_key: Ed25519PublicKey | None = None,
+                   trusted_keys: str | os.PathLike[str] | None = None, explain: Explain | None = None) -> VerifiedVersion:
+    """Step 2: the signed statement of ``record`` against the owner's key (pinned, or the registry's)."""
+    pub = _owner_key(client, record, public_key, Path(trusted_keys) if trusted_keys else None, explain)
+    ref = record.ref
+    try:
+        statement = signing.verify_statement(record.signature, pub, owner=ref.owner, adapter=ref.name,
+                                             version=record.version)
+    except SignatureError as e:
+        raise SignatureError(f"{record.label}: bad signature: {e}") from None
+    return VerifiedVersion(record, statement)
+
+
+def fetch_verified(client: RegistryClient, target: AdapterRef | str | VersionRecord | VerifiedVersion,
+                   files: Sequence[str], dest: str | os.PathLike[str], *, public_key: Ed25519PublicKey | None = None,
+                   trusted_keys: str | os.PathLike[str] | None = None, reuse: Reuse | None = None,
+                   adapter: str | None = None, subject: str = "adapter",
+                   explain: Explain | None = None) -> Fetched:
+    """Resolve, verify and download manifest.json plus ``files`` (bundle paths) into ``dest``.
+
+    ``dest`` is a staging dir the caller owns (created if absent; on an error it may hold partial
+    files, so the caller discards it). ``reuse(sha256, size)`` may return a local file the caller
+    already verified to hold exactly those bytes: it is hard-linked (or copied) instead of
+    downloaded. The manifest must list every file of ``files`` with its signed digest and size,
+    the signed base model and (given) ``adapter``. ``subject`` starts every error message
+    (``"<subject> owner/name@version: ..."``).
+    """
+    if isinstance(target, VerifiedVersion):
+        verified = target
+    else:
+        record = target if isinstance(target, VersionRecord) else \
+            resolve_version(client, target, subject=subject, explain=explain)
+        verified = verify_version(client, record, public_key=public_key, trusted_keys=trusted_keys, explain=explain)
+    label = verified.label
+    needed = [MANIFEST, *(rel for rel in files if rel != MANIFEST)]
+    entries = verified.entries(needed)  # before any byte is written
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    result = Fetched(verified, dest, manifest={})
+    placed: dict[str, Path] = {}  # sha256 -> a file of this call already under dest
+    for rel, entry in zip(needed, entries):
+        sha256, size, out = entry["sha256"], int(entry["size"]), dest / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        local = placed.get(sha256) or (reuse(sha256, size) if reuse is not None else None)
+        if local is not None:
+            link_or_copy(local, out)
+            if sha256 not in placed:
+                result.reused.append(rel)
+        else:
+            try:
+                client.download_blob(sha256, size, out)
+            except BlobDigestError as e:
+                raise VerificationError(f"{label}: digest mismatch: the registry served {rel} as {e.served}, the "
+                                        f"signed statement says {size} bytes with sha256 {sha256}; refusing it") from None
+            except RegistryError as e:
+                raise _refusal(e, f"downloading {rel}", label, explain) from None
+            result.downloaded.append(rel)
+            result.bytes_downloaded += size
+            result.fresh[sha256] = out
+        placed.setdefault(sha256, out)
+    try:
+        result.manifest = json.loads((dest / MANIFEST).read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"{label}: manifest.json is not valid JSON ({e})") from None
+    signing.check_manifest(result.manifest, verified.statement, label, needed[1:], adapter=adapter)
+    return result
+
 
 def fetch_published_basis(client: RegistryClient, ref: AdapterRef | str, dest: str | Path, *,
                           public_key: Ed25519PublicKey | None = None) -> tuple[Bundle, dict[str, Any]]:
-    """Download and verify the manifest and basis of ``ref`` into the new dir ``dest`` (atomic).
+    """The manifest and basis of published ``ref``, verified, into the new dir ``dest`` (atomic).
 
-    Returns (the basis-only bundle, the verified signed statement).
+    Only these two files come down: other adapters' cores never leave the registry. Returns (the
+    basis-only bundle, opened with ``verify_digests=False`` since its cores are absent; the
+    verified signed statement).
     """
-    if isinstance(ref, str):
-        ref = AdapterRef.parse(ref, label="published adapter")
-    dest = Path(dest)
-    if dest.exists():
-        raise InputError(f"{dest} already exists; choose another directory")
-    record = client.get_version(ref.owner, ref.name, ref.version)
-    try:
-        version, sig = int(record["version"]), record["signature"]
-        if not isinstance(sig, dict):
-            raise TypeError("signature")
-    except (KeyError, TypeError, ValueError) as e:
-        raise RegistryError(f"{ref}: the registry answered a malformed version record ({e})", code="bad_record") from None
-    label = f"published adapter {ref.owner}/{ref.name}@{version}"
-    pub = public_key or client.registered_key(ref.owner, sig.get("key_id"))
-    try:
-        statement = signing.verify_statement(sig, pub, owner=ref.owner, adapter=ref.name, version=version)
-    except SignatureError as e:
-        raise SignatureError(f"{label}: bad signature: {e}") from None
-    by_path = {f["path"]: f for f in statement["files"]}
-    absent = [rel for rel in (MANIFEST, BASIS) if rel not in by_path]
-    if absent:
-        raise VerificationError(f"{label}: the signed statement does not cover {', '.join(absent)}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        for rel in (MANIFEST, BASIS):
-            entry = by_path[rel]
-            try:
-                client.download_blob(entry["sha256"], int(entry["size"]), tmp / rel)
-            except BlobDigestError as e:
-                raise VerificationError(f"{label}: digest mismatch: the registry served {rel} as {e.served}, the "
-                                        f"signed statement says {entry['size']} bytes with sha256 {entry['sha256']}") from None
-        try:
-            manifest = json.loads((tmp / MANIFEST).read_bytes())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BundleError(f"{label}: manifest.json is not valid JSON ({e})") from None
-        signing.check_manifest(manifest, statement, label, [BASIS])
+    with staged_dir(dest, force=False) as tmp:
+        fetched = fetch_verified(client, ref, [BASIS], tmp, public_key=public_key, subject="published adapter")
         opened = Bundle.open(tmp, verify_digests=False)  # the manifest's own checks
-        tmp.rename(dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return Bundle(path=dest, manifest=opened.manifest), statement
+    return Bundle(path=Path(dest), manifest=opened.manifest), fetched.statement
+
+

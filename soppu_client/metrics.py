@@ -1,4 +1,4 @@
-"""Reconstruction errors and sizes, computed exactly on factors (float64), never on dense dW.
+"""Reconstruction errors, computed exactly on factors (float64), never on dense dW.
 
 Error of adapter i on a module, reported as the UNSQUARED relative Frobenius norm
 
@@ -200,19 +200,3 @@ def summarize(metrics: list[ModuleMetrics], names: list[str]) -> dict:
         "layers": per_layer,
     }
 
-
-def parameter_counts(
-    shapes: dict[str, tuple[int, int]], ranks: list[dict[str, int]], k: int, n_clusters: int, diag: bool
-) -> dict:
-    """Parameters before (sum of r_i (d_in + d_out)) and after (bases + cores) compression."""
-    before = sum(r[m] * (d_out + d_in) for r in ranks for m, (d_out, d_in) in shapes.items())
-    basis = sum(n_clusters * k * (d_out + d_in) for d_out, d_in in shapes.values())
-    cores = len(ranks) * len(shapes) * (k if diag else k * k)
-    after = basis + cores
-    return {
-        "params_before": int(before),
-        "params_after": int(after),
-        "params_basis": int(basis),
-        "params_cores": int(cores),
-        "param_ratio": before / after if after else float("inf"),
-    }

@@ -28,10 +28,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from soppu_client.format import signing
 from soppu_client.format.errors import InputError, RegistryError, SignatureError
+from soppu_client.format.names import ROTATION_FORMAT, SIGNATURE
 
-__all__ = ["RegistryClient", "UploadResult", "make_rotation_proof", "ROTATION_FORMAT"]
+__all__ = ["RegistryClient", "UploadResult", "make_rotation_proof"]
 
-ROTATION_FORMAT = "soppu-key-rotation/1"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _CHUNK = 1 << 16
 
@@ -265,12 +265,12 @@ class RegistryClient:
         if verify_local:
             embedded = doc.get("public_key")
             if not isinstance(embedded, str):
-                raise SignatureError(f"{bundle_dir / signing.SIGNATURE_FILE} has no `public_key`")
+                raise SignatureError(f"{bundle_dir / SIGNATURE} has no `public_key`")
             st = signing.verify_bundle(bundle_dir, embedded.encode())
         else:
             st = doc.get("statement")
             if not isinstance(st, dict) or not isinstance(st.get("files"), list):
-                raise SignatureError(f"{bundle_dir / signing.SIGNATURE_FILE} has no statement with `files`")
+                raise SignatureError(f"{bundle_dir / SIGNATURE} has no statement with `files`")
         result = UploadResult(owner=st["owner"], version=st["version"], base_model=st.get("base_model", ""))
         missing = []
         for f in st["files"]:

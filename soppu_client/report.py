@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from soppu_client.format.bundle import Sizes
+
 
 def table(headers: list[str], rows: list[list], align: str | None = None) -> str:
     """Fixed-width table; ``align`` is one char per column ('l' or 'r'), default: first left."""
@@ -45,16 +47,18 @@ def layer_table(summary: dict) -> str:
     return table(["layer", "module", "mean error", "max error", "svd bound"], rows, "rlrrr")
 
 
-def sizes_text(sizes: dict) -> str:
+def sizes_text(sizes: Sizes) -> str:
+    """Parameters (and, where recorded, bytes) before -> after; a reused basis is not counted."""
+    parts = (f"cores {sizes.params_cores:,}; basis {sizes.params_basis:,} reused" if sizes.basis_reused
+             else f"basis {sizes.params_basis:,} + cores {sizes.params_cores:,}")
     text = (
-        f"parameters: {sizes['params_before']:,} -> {sizes['params_after']:,} "
-        f"(basis {sizes['params_basis']:,} + cores {sizes['params_cores']:,}), "
-        f"compression ratio {sizes['param_ratio']:.2f}x"
+        f"parameters: {sizes.params_before:,} -> {sizes.params_after:,} ({parts}), "
+        f"compression ratio {sizes.param_ratio:.2f}x"
     )
-    if "source_bytes" in sizes and "tensor_bytes" in sizes:
+    if sizes.source_bytes is not None and sizes.tensor_bytes is not None and sizes.byte_ratio is not None:
         text += (
-            f"\nbytes: {sizes['source_bytes']:,} (adapter files) -> {sizes['tensor_bytes']:,} "
-            f"(bundle tensors) = {sizes['byte_ratio']:.2f}x"
+            f"\nbytes: {sizes.source_bytes:,} (adapter files) -> {sizes.tensor_bytes:,} "
+            f"(bundle tensors) = {sizes.byte_ratio:.2f}x"
         )
     return text
 

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from soppu_client.adapters import AdapterCollection
-from soppu_client.format.bundle import Bundle, basis_key, export_peft
+from soppu_client.format.bundle import Bundle, export_peft
 from soppu_client.format.errors import InputError
 from soppu_client.metrics import ModuleMetrics, module_metrics, summarize
 
@@ -44,7 +44,7 @@ def verify_weights(
     bundle: Bundle, collection: AdapterCollection, *, progress: Callable | None = None
 ) -> tuple[dict, list[ModuleMetrics]]:
     """Errors of the bundle against the original adapters, from files alone."""
-    missing = [n for n in collection.names if n not in bundle.manifest["adapters"]]
+    missing = [n for n in collection.names if n not in bundle.manifest.adapters]
     if missing:
         raise InputError(
             f"bundle {bundle.path} has no adapter named {', '.join(f'`{m}`' for m in missing)}; "
@@ -56,7 +56,6 @@ def verify_weights(
             f"bundle {bundle.path} and the adapters disagree on modules (e.g. `{extra[0]}`); "
             "pass the adapters the bundle was made from"
         )
-    basis = bundle.load_basis()
     cores = {n: bundle.load_cores(n) for n in collection.names}
     clusters = [bundle.cluster_of(n) for n in collection.names]
     k = bundle.rank
@@ -64,8 +63,9 @@ def verify_weights(
     modules = collection.modules
     for module in progress(modules) if progress else modules:
         factors = collection.module_factors(module, dtype=np.float64)
-        U = [basis[basis_key(module, "U", c, bundle.n_clusters)].double().numpy() for c in range(bundle.n_clusters)]
-        V = [basis[basis_key(module, "V", c, bundle.n_clusters)].double().numpy() for c in range(bundle.n_clusters)]
+        bases = [bundle.bases(module, c) for c in range(bundle.n_clusters)]
+        U = [u.double().numpy() for u, _ in bases]
+        V = [v.double().numpy() for _, v in bases]
         S = [cores[n][f"{module}.S"].double().numpy() for n in collection.names]
         metrics.append(module_metrics(module, factors, U, V, S, clusters, k))
     return summarize(metrics, collection.names), metrics
@@ -154,14 +154,13 @@ def verify_outputs(
 
     model, tokenizer = load_base_model(base_model)
     checks = []
-    basis = bundle.load_basis()
     with tempfile.TemporaryDirectory(prefix="soppu-verify-") as tmp:
         peft_model = None
         adapters = list(enumerate(collection.adapters))
         for idx, info in progress(adapters) if progress else adapters:
             orig, comp = f"orig{idx}", f"comp{idx}"  # PEFT adapter names may not contain '.'
 
-            exported = export_peft(bundle, info.name, Path(tmp) / info.name, basis=basis)
+            exported = export_peft(bundle, info.name, Path(tmp) / info.name)
             if peft_model is None:
                 peft_model = PeftModel.from_pretrained(model, str(info.path), adapter_name=orig)
             else:

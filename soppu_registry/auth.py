@@ -24,7 +24,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from soppu_registry.storage import Storage, ApiError
+from soppu_registry.errors import ApiError, RateLimited
+from soppu_registry.storage import Storage
 
 OWNER_WRITE = "owner-write"
 OWNER_READ = "owner-read"
@@ -127,8 +128,3 @@ class RateLimiter:
         if wait > 0:
             raise RateLimited(math.ceil(wait))
 
-
-class RateLimited(ApiError):
-    def __init__(self, retry_after: int):
-        super().__init__(429, "rate_limited", f"rate limit exceeded; retry after {retry_after} s")
-        self.retry_after = max(1, retry_after)

@@ -8,10 +8,14 @@
     soppu-registry issue-token --data DIR [--owner OWNER] --scope SCOPE [--scope ...] [--label L]
     soppu-registry revoke-token --data DIR TOKEN_ID
     soppu-registry list-tokens --data DIR
-    soppu-registry gc --data DIR [--grace 24h] [--dry-run] [--json]
+    soppu-registry gc --data DIR [--grace 24h] [--dry-run]
+
+Every command takes ``--json`` (one JSON object on stdout, ``{"ok": false, "error": {...}}`` on
+failure) and follows soppu_client.format.reporting: failures print ``error: ...`` on stderr and
+exit 1 (refused: 403, 409, ...) or 2 (bad input: 400, unknown owner or token).
 
 Admin commands open the SQLite database directly (safe while a server runs: WAL mode), so a
-revoked token stops working on its next request. Exit codes: 0 ok, 1 refused, 2 bad input.
+revoked token stops working on its next request.
 """
 
 from __future__ import annotations
@@ -19,36 +23,31 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import sys
+import re
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import click
 
 from soppu_client.format import signing
-from soppu_client.format.errors import SoppuError
-
+from soppu_client.format.errors import InputError, SoppuError
+from soppu_client.format.names import ROTATION_FORMAT
+from soppu_client.format.reporting import emit, json_option, reporting
 from soppu_registry.auth import SCOPES, issue_token
-from soppu_registry.storage import ApiError, Storage
-
-ROTATION_FORMAT = "soppu-key-rotation/1"
+from soppu_registry.errors import ApiError
+from soppu_registry.storage import Storage
 
 data_option = click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
                            help="Registry data directory (SQLite database and blobs).")
 
 
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def _run(fn: Any) -> Any:
+def _open(data_dir: Path) -> Storage:
+    """The data dir's Storage; an unusable path is bad input (exit 2), not a traceback."""
     try:
-        return fn()
-    except ApiError as e:
-        _fail(e.message, 2 if e.status in (400, 404) else 1)
-    except SoppuError as e:
-        _fail(str(e), e.exit_code)
+        return Storage(data_dir)
+    except (OSError, sqlite3.Error) as e:
+        raise InputError(f"cannot open registry data directory {data_dir}: {e}; check --data") from None
 
 
 def _raw_b64(pub: Any) -> str:
@@ -72,49 +71,58 @@ def main() -> None:
 @click.option("--burst", default=1000.0, show_default=True, type=click.FloatRange(min=1),
               help="Per-token bucket capacity.")
 @click.option("--log-level", default="warning", show_default=True)
-def serve(data_dir: Path, host: str, port: int, max_blob_bytes: int, rate: float, burst: float, log_level: str) -> None:
+@json_option
+def serve(data_dir: Path, host: str, port: int, max_blob_bytes: int, rate: float, burst: float, log_level: str,
+          as_json: bool) -> None:
     """Serve the registry API over HTTP (one process per data dir)."""
     import uvicorn
     from filelock import FileLock, Timeout
 
-    from soppu_registry.app import RegistryConfig, create_app
+    from soppu_registry.app import create_app
+    from soppu_registry.config import RegistryConfig
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(data_dir / "serve.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        _fail(f"another `soppu-registry serve` is using {data_dir}")
-    store = Storage(data_dir)
-    removed = store.cleanup_tmp()
-    if removed:
-        click.echo(f"removed {removed} partial upload(s) left in {store.tmp_dir}", err=True)
-    app = create_app(RegistryConfig(data_dir, max_blob_bytes=max_blob_bytes, rate=rate, burst=burst))
-    click.echo(f"soppu-registry serving {data_dir} on http://{host}:{port}", err=True)
+    with reporting(as_json):
+        store = _open(data_dir)
+        lock = FileLock(str(data_dir / "serve.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise SoppuError(f"another `soppu-registry serve` is using {data_dir}; stop it or pick another --data") from None
+        removed = store.cleanup_tmp()
+        if removed:
+            click.echo(f"removed {removed} partial upload(s) left in {store.tmp_dir}", err=True)
+        app = create_app(RegistryConfig(data_dir, max_blob_bytes=max_blob_bytes, rate=rate, burst=burst))
+        url = f"http://{host}:{port}"
+        if as_json:
+            emit(True, {"data_dir": data_dir, "url": url, "removed_partial_uploads": removed}, "")
+        else:
+            click.echo(f"soppu-registry serving {data_dir} on {url}", err=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level in ("debug", "info"))
 
 
 @main.command("create-owner")
 @data_option
 @click.argument("owner")
-def create_owner(data_dir: Path, owner: str) -> None:
+@json_option
+def create_owner(data_dir: Path, owner: str, as_json: bool) -> None:
     """Create an owner (namespace for adapters)."""
-    _run(lambda: Storage(data_dir).create_owner(owner))
-    click.echo(f"created owner {owner}")
+    with reporting(as_json):
+        _open(data_dir).create_owner(owner)
+        emit(as_json, {"owner": owner}, f"created owner {owner}")
 
 
 @main.command("register-key")
 @data_option
 @click.option("--owner", required=True)
 @click.option("--public-key", "public_key", required=True, help="PEM .pub file or base64 of the raw key.")
-def register_key(data_dir: Path, owner: str, public_key: str) -> None:
+@json_option
+def register_key(data_dir: Path, owner: str, public_key: str, as_json: bool) -> None:
     """Register an owner's first signing key (later keys need rotate-key)."""
-    def go() -> str:
+    with reporting(as_json):
         pub = signing.load_public_key(public_key)
         key_id = signing.public_key_id(pub)
-        Storage(data_dir).add_key(owner, key_id, _raw_b64(pub))
-        return key_id
-    click.echo(f"registered key {_run(go)} for owner {owner}")
+        _open(data_dir).add_key(owner, key_id, _raw_b64(pub))
+        emit(as_json, {"owner": owner, "key_id": key_id}, f"registered key {key_id} for owner {owner}")
 
 
 def verify_rotation_proof(store: Storage, owner: str, new_key_id: str, proof: Any) -> str:
@@ -145,21 +153,23 @@ def verify_rotation_proof(store: Storage, owner: str, new_key_id: str, proof: An
 @click.option("--new-public-key", "new_public_key", required=True, help="PEM .pub file or base64 of the raw key.")
 @click.option("--proof", "proof_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="JSON proof signed by the current key (`soppu rotate-key-proof`).")
-def rotate_key(data_dir: Path, owner: str, new_public_key: str, proof_path: Path) -> None:
+@json_option
+def rotate_key(data_dir: Path, owner: str, new_public_key: str, proof_path: Path, as_json: bool) -> None:
     """Replace the owner's key; the old key must sign the change."""
-    def go() -> tuple[str, str]:
-        store = Storage(data_dir)
+    with reporting(as_json):
+        store = _open(data_dir)
         pub = signing.load_public_key(new_public_key)
         new_id = signing.public_key_id(pub)
         try:
             proof = json.loads(proof_path.read_text())
+        except OSError as e:
+            raise InputError(f"cannot read --proof {proof_path}: {e.strerror or e}") from None
         except ValueError as e:
             raise ApiError(400, "bad_proof", f"{proof_path} is not JSON: {e}") from None
         old_id = verify_rotation_proof(store, owner, new_id, proof)
         store.add_key(owner, new_id, _raw_b64(pub), replaces=old_id)
-        return old_id, new_id
-    old_id, new_id = _run(go)
-    click.echo(f"rotated owner {owner}: {old_id} -> {new_id}")
+        emit(as_json, {"owner": owner, "old_key_id": old_id, "new_key_id": new_id},
+             f"rotated owner {owner}: {old_id} -> {new_id}")
 
 
 @main.command("issue-token")
@@ -167,42 +177,53 @@ def rotate_key(data_dir: Path, owner: str, new_public_key: str, proof_path: Path
 @click.option("--owner", default=None, help="Owner the token acts for (not for serving-read).")
 @click.option("--scope", "scopes", multiple=True, required=True, type=click.Choice(SCOPES))
 @click.option("--label", default=None, help="Free text to recognise the token by.")
-@click.option("--json", "as_json", is_flag=True, help="Print {token_id, token, owner, scopes} as JSON.")
+@json_option
 def issue_token_cmd(data_dir: Path, owner: str | None, scopes: tuple[str, ...], label: str | None, as_json: bool) -> None:
-    """Create a token. It is printed once; only its sha256 is stored."""
-    token_id, token = _run(lambda: issue_token(Storage(data_dir), owner, list(scopes), label))
-    if as_json:
-        click.echo(json.dumps({"token_id": token_id, "token": token, "owner": owner, "scopes": sorted(scopes)}))
-    else:
-        click.echo(token)
-        click.echo(f"token id {token_id} ({', '.join(sorted(scopes))}); store it now, it is not shown again", err=True)
+    """Create a token. It is printed once (text: alone on stdout); only its sha256 is stored."""
+    with reporting(as_json):
+        token_id, token = issue_token(_open(data_dir), owner, list(scopes), label)
+        emit(as_json, {"token_id": token_id, "token": token, "owner": owner, "scopes": sorted(scopes)}, token)
+        if not as_json:
+            click.echo(f"token id {token_id} ({', '.join(sorted(scopes))}); store it now, it is not shown again", err=True)
 
 
 @main.command("revoke-token")
 @data_option
 @click.argument("token_id")
-def revoke_token(data_dir: Path, token_id: str) -> None:
+@json_option
+def revoke_token(data_dir: Path, token_id: str, as_json: bool) -> None:
     """Revoke a token by id (takes effect on its next request)."""
-    _run(lambda: Storage(data_dir).revoke_token(token_id))
-    click.echo(f"revoked token {token_id}")
+    with reporting(as_json):
+        _open(data_dir).revoke_token(token_id)
+        emit(as_json, {"token_id": token_id}, f"revoked token {token_id}")
 
 
 @main.command("list-tokens")
 @data_option
-def list_tokens(data_dir: Path) -> None:
-    """List tokens (ids, owners, scopes; never secrets) as JSON lines."""
-    for t in Storage(data_dir).list_tokens():
-        click.echo(json.dumps(t))
+@json_option
+def list_tokens(data_dir: Path, as_json: bool) -> None:
+    """List tokens: ids, owners, scopes, labels, dates; never secrets."""
+    with reporting(as_json):
+        tokens = _open(data_dir).list_tokens()
+        emit(as_json, {"tokens": tokens}, "\n".join(_token_line(t) for t in tokens) or "no tokens")
+
+
+def _token_line(t: dict[str, Any]) -> str:
+    state = f"revoked {t['revoked_at']}" if t["revoked_at"] else "active"
+    label = f"  label {t['label']!r}" if t["label"] else ""
+    return f"{t['token_id']}  owner {t['owner'] or '-'}  scopes {t['scopes']}  created {t['created_at']}  {state}{label}"
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _seconds(text: str) -> float:
     """``90``, ``90s``, ``30m``, ``24h``, ``7d`` -> seconds."""
-    import re
-
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    m = _DURATION.fullmatch(text)
     if not m:
-        raise click.BadParameter(f"{text!r} is not a duration such as 90s, 30m, 24h or 7d")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        raise InputError(f"--grace {text!r} is not a duration such as 90s, 30m, 24h or 7d")
+    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
 
 
 @main.command("gc")
@@ -210,23 +231,22 @@ def _seconds(text: str) -> float:
 @click.option("--grace", default="24h", show_default=True,
               help="Keep unpublished blobs touched (uploaded, re-sent or HEAD-checked) within this long: 90s, 30m, 24h, 7d.")
 @click.option("--dry-run", is_flag=True, help="Report what would be removed; remove nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@json_option
 def gc(data_dir: Path, grace: str, dry_run: bool, as_json: bool) -> None:
     """Remove blobs that no published version lists (abandoned uploads) once past the grace period.
 
     Safe while `soppu-registry serve` runs: each removal is one write transaction, serialized with
     publishing, and a blob a client has just checked or re-sent is kept.
     """
-    grace_s = _seconds(grace)
-    if not (data_dir / "registry.sqlite3").is_file():
-        _fail(f"{data_dir} is not a registry data directory (no registry.sqlite3)", 2)
-    report = _run(lambda: Storage(data_dir).gc_blobs(grace_s, dry_run=dry_run))
-    if as_json:
-        click.echo(json.dumps({"ok": True, "grace_seconds": grace_s, **report}))
-    else:
+    with reporting(as_json):
+        grace_s = _seconds(grace)
+        if not (data_dir / "registry.sqlite3").is_file():
+            raise InputError(f"{data_dir} is not a registry data directory (no registry.sqlite3); check --data")
+        report = _open(data_dir).gc_blobs(grace_s, dry_run=dry_run)
         verb = "would remove" if dry_run else "removed"
-        click.echo(f"{verb} {len(report['removed'])} unpublished blob(s), {report['bytes']:,} bytes; kept "
-                   f"{report['kept_referenced']} published and {report['kept_recent']} within the grace period")
+        emit(as_json, {"grace_seconds": grace_s, **report},
+             f"{verb} {len(report['removed'])} unpublished blob(s), {report['bytes']:,} bytes; kept "
+             f"{report['kept_referenced']} published and {report['kept_recent']} within the grace period")
 
 
 if __name__ == "__main__":

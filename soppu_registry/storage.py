@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -34,7 +33,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from soppu_client.format.fsutil import fsync_dir
-from soppu_client.format.names import OWNER_RE
+from soppu_client.format.names import BASIS, HEX64_RE, OWNER_RE
+from soppu_registry.errors import ApiError
 
 CHUNK = 1 << 16
 
@@ -97,16 +97,6 @@ def files_digest(files: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
-class ApiError(Exception):
-    """A refusal from the registry; ``code`` and ``status`` map onto the API's error body."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
 @dataclass(frozen=True)
 class BlobWriteResult:
     digest: str
@@ -118,7 +108,8 @@ class BlobWriter:
     """Streams one upload into a temp file, hashing and counting as it goes.
 
     ``write`` enforces ``max_bytes`` and ``expected_size`` on every chunk (raising before the
-    bytes hit the disk); ``commit`` checks digest and size, fsyncs and renames into place.
+    bytes hit the disk); ``commit`` checks digest and size, then fsyncs and renames into place
+    (``_stage_then_rename``: the only place a blob is created).
     ``abort`` (also called on any failure) removes the temp file.
     """
 
@@ -130,7 +121,7 @@ class BlobWriter:
         self.size = 0
         self._h = hashlib.sha256()
         self.tmp = store.tmp_dir / f"{hex_digest[:16]}.{uuid.uuid4().hex}.part"
-        self._f: BinaryIO | None = open(self.tmp, "xb")
+        self._f: BinaryIO | None = open(self.tmp, "xb")  # noqa: SIM115  (closed by commit or abort)
 
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -145,29 +136,35 @@ class BlobWriter:
         self._f.write(chunk)
 
     def commit(self) -> BlobWriteResult:
+        """Check size and digest, then place the blob (created) or keep the stored copy (not created)."""
         try:
             if self.expected_size is not None and self.size != self.expected_size:
                 raise ApiError(400, "size_mismatch", f"blob sha256:{self.hex}: received {self.size} bytes, declared {self.expected_size}")
             got = self._h.hexdigest()
             if got != self.hex:
                 raise ApiError(400, "digest_mismatch", f"blob sha256:{self.hex}: body has sha256:{got}")
-            assert self._f is not None
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            self._f = None
             final = self.store.blob_path(self.hex)
-            if final.exists():
+            if final.exists():  # same digest, same bytes: keep the stored copy, restart its gc grace period
                 self.abort()
                 self.store.touch_blob(self.hex)
                 return BlobWriteResult(f"sha256:{self.hex}", self.size, False)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.tmp, final)
-            fsync_dir(final.parent)
+            self._stage_then_rename(final)
             return BlobWriteResult(f"sha256:{self.hex}", self.size, True)
         except BaseException:
             self.abort()
             raise
+
+    def _stage_then_rename(self, final: Path) -> None:
+        """The one place a blob becomes visible: fsync the temp file, rename it over ``final``
+        (atomic within the data dir), fsync the directory so the rename survives a crash."""
+        assert self._f is not None
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.tmp, final)
+        fsync_dir(final.parent)
 
     def abort(self) -> None:
         if self._f is not None:
@@ -255,7 +252,7 @@ class Storage:
         removed, freed, referenced, recent = [], 0, 0, 0
         for path in sorted(self.blob_dir.glob("*/*")):
             hexd = path.name
-            if not re.fullmatch(r"[0-9a-f]{64}", hexd) or path.parent.name != hexd[:2]:
+            if not HEX64_RE.match(hexd) or path.parent.name != hexd[:2]:
                 continue
             with self.tx() as db:
                 if db.execute("SELECT 1 FROM version_files WHERE sha256=? LIMIT 1", (hexd,)).fetchone():
@@ -373,7 +370,7 @@ class Storage:
             latest = db.execute("SELECT MAX(version) AS v FROM versions WHERE owner=? AND name=?", (owner, name)).fetchone()["v"]
             if latest is not None and version <= latest:
                 raise ApiError(409, "rollback", f"{owner}/{name} version {version} is not above the latest published version {latest}")
-            for f in files:  # blobs are immutable and never deleted, but re-check inside the tx
+            for f in files:  # gc may have removed a blob since check_blobs: re-check inside the tx
                 if self.blob_size(f["sha256"]) != int(f["size"]):
                     raise ApiError(400, "missing_blob", f"blob sha256:{f['sha256']} for {f['path']!r} is not stored")
             db.execute("INSERT INTO versions(owner,name,version,base_model,files_digest,signature,files,published_at) "
@@ -400,12 +397,12 @@ class Storage:
         return [r["version"] for r in self.read("SELECT version FROM versions WHERE owner=? AND name=? ORDER BY version", (owner, name))]
 
     def bases(self, base_model: str) -> list[dict[str, Any]]:
-        """basis.safetensors blobs of published versions for ``base_model``, with who uses them."""
+        """Basis blobs (``BASIS``) of published versions for ``base_model``, with who uses them."""
         rows = self.read(
             "SELECT vf.sha256, vf.size, v.owner, v.name, v.version FROM versions v JOIN version_files vf "
             "ON vf.owner=v.owner AND vf.name=v.name AND vf.version=v.version "
-            "WHERE v.base_model=? AND vf.path='basis.safetensors' ORDER BY vf.sha256, v.owner, v.name, v.version",
-            (base_model,))
+            "WHERE v.base_model=? AND vf.path=? ORDER BY vf.sha256, v.owner, v.name, v.version",
+            (base_model, BASIS))
         out: dict[str, dict[str, Any]] = {}
         for r in rows:
             b = out.setdefault(r["sha256"], {"digest": f"sha256:{r['sha256']}", "size": r["size"], "used_by": []})

@@ -12,9 +12,11 @@
     <root>/.locks/                         one lock file per adapter version and per blob
     <root>/.tmp/                           staging; anything here is garbage from a crashed run
 
-``<root>`` is ``$SOPPU_CACHE_DIR`` or ``<HUGGINGFACE_HUB_CACHE>/soppu`` (LoRAX's cache). A version
-dir is built in ``.tmp`` and renamed into place while its lock is held, so readers in other
-processes or shards see either nothing or the complete dir.
+``<root>`` is ``Settings.cache_root`` (``$SOPPU_CACHE_DIR`` or ``<HUGGINGFACE_HUB_CACHE>/soppu``,
+LoRAX's cache). A version dir is built in ``.tmp`` (:meth:`Cache.staging`, the one staging place:
+renames into the cache must stay on its filesystem) and renamed into place while its
+:meth:`Cache.version_lock` is held, so readers in other processes or shards see either nothing or
+the complete dir. Blobs are checked, stored and removed under :meth:`Cache.blob_lock`.
 """
 
 from __future__ import annotations
@@ -40,39 +42,14 @@ FORMS = {  # serving form -> the weight files a complete version dir holds
 }
 
 
-def serve_form(value: str | None = None) -> str:
-    """The form adapters are materialized in: ``value`` or ``$SOPPU_SERVE_FORMAT`` (default ``peft``).
-
-    ``peft``: a standard LoRA dir any LoRAX serves; ``compressed``: the shared-basis form that a
-    LoRAX with the compressed-mode patches (0005-0007) serves with the basis resident once.
-    """
-    form = (value if value is not None else os.environ.get("SOPPU_SERVE_FORMAT", "") or "peft").strip().lower()
-    if form not in FORMS:
-        raise InputError(f"SOPPU_SERVE_FORMAT={form!r} is not a serving form; use one of {', '.join(FORMS)}")
-    return form
-
-
-def default_root() -> Path:
-    env = os.environ.get("SOPPU_CACHE_DIR")
-    if env:
-        return Path(env)
-    try:
-        from huggingface_hub.constants import HUGGINGFACE_HUB_CACHE
-
-        hub = HUGGINGFACE_HUB_CACHE
-    except ImportError:  # pragma: no cover - huggingface_hub is a LoRAX and transformers dependency
-        hub = os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(
-            os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
-        )
-    return Path(hub) / "soppu"
-
-
 class Cache:
     """Paths, locks and the blob store under one cache root, for one serving form."""
 
-    def __init__(self, root: str | os.PathLike[str] | None = None, form: str | None = None):
-        self.root = Path(root) if root is not None else default_root()
-        self.form = serve_form(form)
+    def __init__(self, root: str | os.PathLike[str], form: str = "peft"):
+        if form not in FORMS:
+            raise InputError(f"serving form {form!r} is unknown; use one of {', '.join(FORMS)}")
+        self.root = Path(root)
+        self.form = form
         # Owner names never start with ".", so the compressed tree cannot collide with an owner.
         self.tree = self.root if self.form == "peft" else self.root / ".compressed"
 
@@ -107,11 +84,20 @@ class Cache:
         return None
 
     # -- locks and staging --------------------------------------------------------------------
-    def lock(self, key: str, timeout: float = -1) -> FileLock:
+    def _lock(self, key: str, timeout: float) -> FileLock:
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
         return FileLock(str(locks / f"{safe}.lock"), timeout=timeout)
+
+    def version_lock(self, owner: str, name: str, version: int, *, timeout: float = -1) -> FileLock:
+        """The lock (a context manager) under which ``v<version>`` of this form is built or removed;
+        ``timeout`` seconds (-1: wait forever, 0: don't wait), then ``filelock.Timeout``."""
+        return self._lock(f"adapter-{self.form}-{owner}--{name}--v{version}", timeout)
+
+    def blob_lock(self, sha256: str, *, timeout: float = -1) -> FileLock:
+        """The lock under which blob ``sha256`` is checked, stored or removed (as :meth:`version_lock`)."""
+        return self._lock(f"blob-{sha256}", timeout)
 
     @contextmanager
     def staging(self, label: str) -> Iterator[Path]:

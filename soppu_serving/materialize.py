@@ -1,24 +1,28 @@
 """Resolve, verify, download and materialize one adapter version from a SOPPU registry.
 
-Order of checks (nothing reaches the cache before all of them pass):
+The checks are :mod:`soppu_client.fetch`'s (the one resolve + verify + download path); this module
+adds the cache around them. Nothing reaches the cache before all checks pass:
 
-1. ``GET /v1/adapters/<owner>/<name>[/versions/<v>]`` with the request's token -> version record.
-2. The owner's key: ``$SOPPU_TRUSTED_KEYS/<owner>.pub`` when that dir is set (pinned keys), else
-   ``GET /v1/keys/<owner>``, picking the key the signature names. ``verify_statement`` checks the
-   Ed25519 signature, expiry, owner, adapter name and version.
-3. manifest.json, basis and the adapter's core are streamed into a staging dir; each file's size
-   and sha256 must equal the signed statement's. manifest.json must agree with the statement.
-4. Tensors are validated (``validate_safetensors`` with the shapes the manifest implies) and the
-   adapter is written in the cache's serving form: a standard PEFT dir
+1. ``resolve``: the version record, with the request's token (reused ``resolve_ttl`` seconds in
+   this process, so LoRAX's several calls for one request cost one round trip).
+2. ``verify_version``: the owner's key (``trusted_keys`` dir of pinned keys, else the registry's key the
+   signature names) and the Ed25519 signed statement. A complete cached dir is then served if the
+   files it was built from are still the signed ones.
+3. Under the version's lock, and one lock per signed blob: ``fetch_verified`` brings manifest.json,
+   basis and the adapter's core into a staging dir (blobs already in the cache's blob store are
+   re-hashed and reused, not downloaded; a basis shared by many adapters is fetched once).
+4. Tensors are validated (``Bundle.open``, ``validate_safetensors`` with the shapes the manifest
+   implies) and the adapter is written in the cache's serving form: a standard PEFT dir
    (``soppu_client.format.bundle.export_peft``) or a compressed dir
    (``soppu_client.format.compressed_form``, for LoRAX's compressed mode).
-5. Under the version's file lock the verified blobs enter the blob store (a basis shared by many
-   adapters is fetched once; a compressed dir's cluster basis is stored once and hard-linked) and
-   the dir is renamed into ``<root>/<owner>/<name>/v<N>`` (compressed: under ``<root>/.compressed``).
+5. The verified blobs enter the blob store (a compressed dir's cluster basis is stored once and
+   hard-linked) and the dir is renamed into ``<root>/<owner>/<name>/v<N>`` (compressed: under
+   ``<root>/.compressed``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -29,34 +33,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import Timeout
+
+from soppu_client.fetch import Explain, VerifiedVersion, VersionRecord, fetch_verified, resolve_version, verify_version
 from soppu_client.format import signing
-from soppu_client.format.bundle import BASIS, MANIFEST, Bundle, core_path, export_peft
-from soppu_client.format.errors import (
-    BundleError,
-    InputError,
-    RegistryError,
-    SignatureError,
-    SoppuError,
-    VerificationError,
-)
+from soppu_client.format.bundle import Bundle, export_peft
 from soppu_client.format.compressed_form import BASIS_FILE, write_compressed_files
-from soppu_client.format.fsutil import fsync_tree
+from soppu_client.format.errors import BundleError, InputError, RegistryError, SoppuError, VerificationError
+from soppu_client.format.fsutil import fsync_dir, fsync_tree, link_or_copy
+from soppu_client.format.names import BASIS, MANIFEST, SOURCE_MARKER_FORMAT, core_path
 from soppu_client.format.refs import AdapterRef
-from soppu_client.registry_client import BlobDigestError, RegistryClient
+from soppu_client.registry_client import RegistryClient
 
-from soppu_serving.cache import MARKER, Cache, fsync_dir
+from soppu_serving.cache import MARKER, Cache
+from soppu_serving.settings import Settings
 
-_CHUNK = 1 << 20
+__all__ = ["FetchStats", "forget_resolutions", "materialize", "resolve"]
 
-
-@dataclass
-class Resolved:
-    """A version record from the registry (not yet verified)."""
-
-    ref: AdapterRef
-    version: int
-    signature: dict[str, Any]
-    record: dict[str, Any]
+SUBJECT = "soppu adapter"  # how every error of the source names the adapter
 
 
 @dataclass
@@ -71,23 +65,12 @@ class FetchStats:
 
 # -- registry access ------------------------------------------------------------------------------
 
-def registry_url() -> str:
-    url = os.environ.get("SOPPU_REGISTRY_URL", "").strip()
-    if not url:
-        raise InputError(
-            "SOPPU_REGISTRY_URL is not set: start LoRAX with SOPPU_REGISTRY_URL=http://registry:8080 "
-            "to serve adapters of source `soppu`"
-        )
-    return url.rstrip("/")
+def _client(settings: Settings, token: str | None) -> RegistryClient:
+    return RegistryClient(settings.require_registry_url(), token, retries=settings.registry_retries, backoff=0.2,
+                          max_wait=2.0, timeout=settings.registry_timeout)
 
 
-def make_client(url: str, token: str | None) -> RegistryClient:
-    retries = int(os.environ.get("SOPPU_REGISTRY_RETRIES", "2"))
-    timeout = float(os.environ.get("SOPPU_REGISTRY_TIMEOUT", "30"))
-    return RegistryClient(url, token, retries=retries, backoff=0.2, max_wait=2.0, timeout=timeout)
-
-
-def _explain(err: RegistryError, ref: AdapterRef, url: str, what: str) -> SoppuError:
+def _explain(err: RegistryError, what: str, *, ref: AdapterRef, url: str) -> SoppuError:
     """Turn a registry refusal into a message a LoRAX client can act on."""
     if err.status is None:
         return RegistryError(
@@ -118,42 +101,33 @@ def _explain(err: RegistryError, ref: AdapterRef, url: str, what: str) -> SoppuE
                          code=err.code, url=err.url)
 
 
-_resolve_cache: dict[tuple[str, str, str], tuple[float, Resolved]] = {}
+def _explainer(ref: AdapterRef, client: RegistryClient) -> Explain:
+    return functools.partial(_explain, ref=ref, url=client.base_url)
+
+
+_resolve_cache: dict[tuple[str, str, str], tuple[float, VersionRecord]] = {}
 _resolve_lock = threading.Lock()
 
 
-def resolve(ref: AdapterRef, url: str, token: str | None, *, ttl: float | None = None) -> Resolved:
-    """Fetch the version record (every call checks the token, but results live ``ttl`` seconds
-    in this process so that LoRAX's several calls for one request cost one round trip)."""
-    ttl = float(os.environ.get("SOPPU_RESOLVE_TTL", "5")) if ttl is None else ttl
+def resolve(ref: AdapterRef, settings: Settings, token: str | None) -> VersionRecord:
+    """The version record of ``ref`` (every call checks the token, but results live
+    ``settings.resolve_ttl`` seconds in this process: LoRAX's several calls for one request cost
+    one round trip)."""
+    url, ttl = settings.require_registry_url(), settings.resolve_ttl
     key = (url, str(ref), hashlib.sha256((token or "").encode()).hexdigest())
     now = time.monotonic()
     with _resolve_lock:
         hit = _resolve_cache.get(key)
         if hit is not None and now - hit[0] < ttl:
             return hit[1]
-    client = make_client(url, token)
-    try:
-        record = client.get_version(ref.owner, ref.name, ref.version)
-    except RegistryError as e:
-        raise _explain(e, ref, url, "resolving the version") from None
-    try:
-        version = int(record["version"])
-        sig = record["signature"]
-        if record.get("owner") != ref.owner or record.get("name") != ref.name or not isinstance(sig, dict):
-            raise KeyError("owner/name/signature")
-        if ref.version is not None and version != ref.version:
-            raise KeyError("version")
-    except (KeyError, TypeError, ValueError) as e:
-        raise RegistryError(f"soppu adapter {ref}: the registry at {url} answered a malformed version record ({e})",
-                            code="bad_record") from None
-    resolved = Resolved(ref, version, sig, record)
+    client = _client(settings, token)
+    record = resolve_version(client, ref, subject=SUBJECT, explain=_explainer(ref, client))
     with _resolve_lock:
         if len(_resolve_cache) >= 4096:  # bounded: drop what has expired, else everything
             for k in [k for k, (t, _) in _resolve_cache.items() if now - t >= ttl] or list(_resolve_cache):
                 del _resolve_cache[k]
-        _resolve_cache[key] = (now, resolved)
-    return resolved
+        _resolve_cache[key] = (now, record)
+    return record
 
 
 def forget_resolutions() -> None:
@@ -161,60 +135,15 @@ def forget_resolutions() -> None:
         _resolve_cache.clear()
 
 
-def owner_key(ref: AdapterRef, signature_doc: dict[str, Any], url: str, token: str | None) -> Any:
-    """The public key to trust for ``ref.owner``: pinned on disk, or the registered one named by key_id."""
-    pinned_dir = os.environ.get("SOPPU_TRUSTED_KEYS")
-    if pinned_dir:
-        path = Path(pinned_dir) / f"{ref.owner}.pub"
-        if not path.is_file():
-            raise SignatureError(
-                f"soppu adapter {ref}: no trusted key for owner {ref.owner!r} in SOPPU_TRUSTED_KEYS "
-                f"({path} is missing)"
-            )
-        return signing.load_public_key(path)
-    try:
-        return make_client(url, token).registered_key(ref.owner, signature_doc.get("key_id"))
-    except RegistryError as e:
-        raise _explain(e, ref, url, "fetching the owner's keys") from None
-    except SignatureError as e:
-        raise SignatureError(f"soppu adapter {ref}: bad signature: {e}") from None
-
-
-def verify(resolved: Resolved, url: str, token: str | None) -> dict[str, Any]:
-    """Check the signed statement against the owner's key; returns the statement."""
-    ref = resolved.ref
-    pub = owner_key(ref, resolved.signature, url, token)
-    try:
-        return signing.verify_statement(resolved.signature, pub, owner=ref.owner, adapter=ref.name,
-                                        version=resolved.version)
-    except SignatureError as e:
-        raise SignatureError(f"soppu adapter {ref}@{resolved.version}: bad signature: {e}") from None
-
-
-# -- download ---------------------------------------------------------------------------------
-
-def _download(client: RegistryClient, ref: AdapterRef, version: int, entry: dict[str, Any], dest: Path,
-              url: str) -> None:
-    """Stream one blob to ``dest`` and check it against the signed size and sha256."""
-    try:
-        client.download_blob(entry["sha256"], int(entry["size"]), dest)
-    except BlobDigestError as e:
-        raise VerificationError(
-            f"soppu adapter {ref}@{version}: digest mismatch: the registry served {entry['path']} as {e.served}, "
-            f"the signed statement says {entry['size']} bytes with sha256 {entry['sha256']}; refusing it"
-        ) from None
-    except RegistryError as e:
-        raise _explain(e, ref, url, f"downloading {entry['path']}") from None
-
-
-def _provenance(url: str, resolved: Resolved, statement: dict[str, Any], files: list[dict[str, Any]]) -> dict:
+def _provenance(url: str, verified: VerifiedVersion, files: list[dict[str, Any]]) -> dict:
+    record, statement = verified.record, verified.statement
     return {
-        "format": "soppu-source/1",
+        "format": SOURCE_MARKER_FORMAT,
         "registry": url,
-        "owner": resolved.ref.owner,
-        "name": resolved.ref.name,
-        "version": resolved.version,
-        "key_id": resolved.signature.get("key_id"),
+        "owner": record.ref.owner,
+        "name": record.ref.name,
+        "version": record.version,
+        "key_id": record.signature.get("key_id"),
         "statement_sha256": hashlib.sha256(signing.canonical_json(statement)).hexdigest(),
         "expires_at": statement["expires_at"],
         "base_model": statement["base_model"],
@@ -223,125 +152,88 @@ def _provenance(url: str, resolved: Resolved, statement: dict[str, Any], files: 
     }
 
 
-def _check_cached(final: Path, statement: dict[str, Any], ref: AdapterRef, version: int) -> None:
+def _check_cached(final: Path, verified: VerifiedVersion) -> None:
     """A cached dir is served only if the files it was built from are still the signed ones."""
     try:
         recorded = json.loads((final / MARKER).read_text(encoding="utf-8"))["files"]
         used = {(f["path"], f["sha256"], f["size"]) for f in recorded}
     except (OSError, ValueError, KeyError, TypeError):
         used = None
-    signed = {(f["path"], f["sha256"], f["size"]) for f in statement["files"]}
+    signed = {(f["path"], f["sha256"], f["size"]) for f in verified.statement["files"]}
     if used is None or not used <= signed:
         raise VerificationError(
-            f"soppu adapter {ref}@{version}: the cached copy in {final} was built from files the current signed "
+            f"{verified.label}: the cached copy in {final} was built from files the current signed "
             "statement does not list; remove that directory to fetch it again"
         )
 
 
-def materialize(ref: AdapterRef, *, token: str | None, url: str | None = None, cache: Cache | None = None,
-                resolved: Resolved | None = None, lock_timeout: float = 600.0) -> tuple[Path, FetchStats]:
+def materialize(ref: AdapterRef, *, token: str | None, settings: Settings, cache: Cache,
+                record: VersionRecord | None = None, lock_timeout: float = 600.0) -> tuple[Path, FetchStats]:
     """Make ``<cache>/<owner>/<name>/v<N>`` a complete, verified dir in the cache's form; returns (dir, stats).
 
-    Safe to call from many processes or threads at once: the work is done once under a file lock
-    and every caller returns only after the complete dir is in place.
+    ``record``: the version record when the caller resolved it already. Safe to call from many
+    processes or threads at once: the work is done once under the version's lock and every caller
+    returns only after the complete dir is in place.
     """
-    url = url or registry_url()
-    cache = cache or Cache()
-    resolved = resolved or resolve(ref, url, token)
-    statement = verify(resolved, url, token)  # before any byte is written
-    version = resolved.version
+    record = record or resolve(ref, settings, token)
+    client = _client(settings, token)
+    explain = _explainer(ref, client)
+    # The owner's key: pinned in settings.trusted_keys, else the registry's. Before any byte is written.
+    verified = verify_version(client, record, trusted_keys=settings.trusted_keys, explain=explain)
+    version = record.version
     final = cache.version_dir(ref.owner, ref.name, version)
     stats = FetchStats()
     if cache.is_complete(final):
-        _check_cached(final, statement, ref, version)
-        if ref.version is None:
-            cache.set_latest(ref.owner, ref.name, version)
-        return final, stats
-    from filelock import Timeout
-
-    try:
-        with cache.lock(f"adapter-{cache.form}-{ref.owner}--{ref.name}--v{version}", timeout=lock_timeout):
-            if cache.is_complete(final):  # another process finished while we waited
-                if ref.version is None:
-                    cache.set_latest(ref.owner, ref.name, version)
-                return final, stats
-            _build(ref, resolved, statement, url, token, cache, final, stats)
-            if ref.version is None:
-                cache.set_latest(ref.owner, ref.name, version)
-    except Timeout:
-        raise RegistryError(f"soppu adapter {ref}@{version}: timed out after {lock_timeout:.0f}s waiting for "
-                            "another process to materialize it", code="lock_timeout") from None
-    stats.materialized = True
+        _check_cached(final, verified)
+    else:
+        try:
+            with cache.version_lock(ref.owner, ref.name, version, timeout=lock_timeout):
+                if not cache.is_complete(final):  # else another process finished while we waited
+                    _build(verified, client, explain, cache, final, stats)
+                    stats.materialized = True
+        except Timeout:
+            raise RegistryError(f"{verified.label}: timed out after {lock_timeout:.0f}s waiting for another process "
+                                "to materialize it", code="lock_timeout") from None
+    if ref.version is None:
+        cache.set_latest(ref.owner, ref.name, version)
     return final, stats
 
 
-def _build(ref: AdapterRef, resolved: Resolved, statement: dict[str, Any], url: str, token: str | None,
-           cache: Cache, final: Path, stats: FetchStats) -> None:
-    version = resolved.version
-    by_path = {f["path"]: f for f in statement["files"]}
-    client = make_client(url, token)
-    with cache.staging(f"{ref.owner}--{ref.name}--v{version}") as stage:
-        bundle_dir = stage / "bundle"
-        (bundle_dir / "cores").mkdir(parents=True)
-        fresh: dict[str, Path] = {}  # sha256 -> verified file in staging, not yet in the blob store
-
-        def fetch(rel: str) -> Path:
-            entry = by_path.get(rel)
-            if entry is None:
-                raise VerificationError(f"soppu adapter {ref}@{version}: {rel} is not covered by the signed statement")
-            if entry["sha256"] in fresh:
-                return fresh[entry["sha256"]]
-            cached = cache.cached_blob(entry["sha256"], entry["size"])
-            if cached is not None:
-                stats.blobs_reused.append(rel)
-                return cached
-            dest = stage / f"blob-{entry['sha256']}"
-            _download(client, ref, version, entry, dest, url)
-            stats.blobs_downloaded.append(rel)
-            stats.bytes_downloaded += entry["size"]
-            fresh[entry["sha256"]] = dest
-            return dest
-
-        core = core_path(ref.name)
-        needed = [MANIFEST, BASIS, core]
-        absent = [rel for rel in needed if rel not in by_path]
-        if absent:
-            raise VerificationError(f"soppu adapter {ref}@{version}: the signed statement does not cover "
-                                    f"{', '.join(absent)}")
-        with ExitStack() as locks:
-            # One lock per blob (sorted: no deadlock), held until the blobs are stored: processes
-            # fetching adapters that share a basis download it once.
-            for digest in sorted({by_path[rel]["sha256"] for rel in needed}):
-                locks.enter_context(cache.lock(f"blob-{digest}"))
-            sources = {rel: fetch(rel) for rel in needed}
-            try:
-                manifest = json.loads(sources[MANIFEST].read_bytes())
-            except (ValueError, UnicodeDecodeError) as e:
-                raise BundleError(f"soppu adapter {ref}@{version}: manifest.json is not valid JSON ({e})") from None
-            signing.check_manifest(manifest, statement, f"soppu adapter {ref}@{version}", [BASIS, core], adapter=ref.name)
-            for rel, src in sources.items():
-                _link_or_copy(src, bundle_dir / rel)
-            out = stage / cache.form
-            try:
-                bundle = Bundle.open(bundle_dir, verify_digests=False)  # digests checked above
-                if cache.form == "compressed":
-                    out.mkdir()
-                    derived_basis = write_compressed_files(bundle, ref.name, out)["basis"]
-                else:
-                    export_peft(bundle, ref.name, out)
-            except (BundleError, InputError, VerificationError) as e:
-                raise VerificationError(f"soppu adapter {ref}@{version}: bundle failed validation: {e}") from None
-            files = [by_path[rel] for rel in needed]
-            (out / MARKER).write_text(
-                json.dumps(_provenance(url, resolved, statement, files), indent=2, sort_keys=True) + "\n",
-                encoding="utf-8",
-            )
-            # Everything verified and exported: only now does anything enter the cache.
-            for digest, path in list(fresh.items()):
-                cache.store_blob(path, digest)
+def _build(verified: VerifiedVersion, client: RegistryClient, explain: Explain, cache: Cache, final: Path,
+           stats: FetchStats) -> None:
+    """Fetch, validate and export one version into staging, store its blobs, rename the dir in."""
+    record, label = verified.record, verified.label
+    name = record.ref.name
+    core = core_path(name)
+    entries = verified.entries([MANIFEST, BASIS, core])
+    with cache.staging(f"{record.ref.owner}--{name}--v{record.version}") as stage, ExitStack() as locks:
+        # One lock per blob (sorted: no deadlock), held until the blobs are stored: processes
+        # fetching adapters that share a basis download it once.
+        for digest in sorted({e["sha256"] for e in entries}):
+            locks.enter_context(cache.blob_lock(digest))
+        fetched = fetch_verified(client, verified, [BASIS, core], stage / "bundle", reuse=cache.cached_blob,
+                                 adapter=name, explain=explain)
+        stats.blobs_downloaded, stats.blobs_reused = fetched.downloaded, fetched.reused
+        stats.bytes_downloaded = fetched.bytes_downloaded
+        out = stage / cache.form
+        try:
+            bundle = Bundle.open(fetched.dir, verify_digests=False)  # digests checked by fetch_verified
             if cache.form == "compressed":
-                _share_basis(cache, out / BASIS_FILE, derived_basis["sha256"], derived_basis["size"])
-            fsync_tree(out)
+                out.mkdir()
+                derived_basis = write_compressed_files(bundle, name, out)["basis"]
+            else:
+                export_peft(bundle, name, out)
+        except (BundleError, InputError, VerificationError) as e:
+            raise VerificationError(f"{label}: bundle failed validation: {e}") from None
+        (out / MARKER).write_text(
+            json.dumps(_provenance(client.base_url, verified, entries), indent=2, sort_keys=True)
+            + "\n", encoding="utf-8")
+        # Everything verified and exported: only now does anything enter the cache.
+        for digest, path in fetched.fresh.items():
+            cache.store_blob(path, digest)
+        if cache.form == "compressed":
+            _share_basis(cache, out / BASIS_FILE, derived_basis["sha256"], derived_basis["size"])
+        fsync_tree(out)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(out, final)  # the dir appears complete, or not at all
         fsync_dir(final.parent)
@@ -352,20 +244,10 @@ def _share_basis(cache: Cache, written: Path, sha256: str, size: int) -> None:
 
     Adapters of one cluster get byte-identical basis files, so the disk holds each cluster's basis
     once however many adapters use it (the file in the dir is still a plain, complete file)."""
-    with cache.lock(f"blob-{sha256}"):
+    with cache.blob_lock(sha256):
         stored = cache.cached_blob(sha256, size)
         if stored is None:
             stored = cache.store_blob(written, sha256)
         else:
             written.unlink()
-        _link_or_copy(stored, written)
-
-
-def _link_or_copy(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dest)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(src, dest)
+        link_or_copy(stored, written)

@@ -5,10 +5,10 @@ For each adapter and serving form, the newest ``keep`` version dirs stay, and so
 lists (its ``soppu_source.json`` files, and a compressed dir's basis) goes too. A pinned request
 for a removed version later fetches and verifies it again.
 
-Concurrency: a version dir is removed under its materialization lock and a blob under its blob
-lock, each taken without waiting (held by a running fetch: skipped, counted in ``busy``). A dir
-is first renamed into ``.tmp`` and deleted there, so readers see it whole or not at all. A LoRAX
-process that has loaded an adapter does not read its files again.
+Concurrency: a version dir is removed under its ``Cache.version_lock`` and a blob under its
+``Cache.blob_lock``, each taken without waiting (held by a running fetch: skipped, counted in
+``busy``). A dir is first renamed into ``.tmp`` and deleted there, so readers see it whole or not
+at all. A LoRAX process that has loaded an adapter does not read its files again.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from typing import Any
 
 from filelock import Timeout
 
+from soppu_client.format.compressed_form import CompressedAdapterError, read_compressed_config
+from soppu_client.format.errors import InputError
 from soppu_client.format.names import HEX64_RE
 from soppu_serving.cache import FORMS, MARKER, Cache
-from lorax_adapter_source.compressed import read_compressed_config
 
 __all__ = ["prune_cache"]
 
@@ -49,17 +50,17 @@ def _used_blobs(version_dir: Path) -> set[str]:
         pass
     try:
         config = read_compressed_config(version_dir)
-    except ValueError:
+    except CompressedAdapterError:
         config = None
     if config is not None:
         used.add(str(config["basis"]["sha256"]))
     return used
 
 
-def prune_cache(root: str | os.PathLike[str] | None = None, *, keep: int = 1, dry_run: bool = False) -> dict[str, Any]:
-    """Prune the cache at ``root`` (default: the source's); returns what was (or would be) removed."""
+def prune_cache(root: str | os.PathLike[str], *, keep: int = 1, dry_run: bool = False) -> dict[str, Any]:
+    """Prune the cache at ``root``; returns what was (or would be) removed."""
     if keep < 1:
-        raise ValueError("keep must be >= 1 (the newest version of every adapter stays)")
+        raise InputError(f"`keep` must be >= 1 (the newest version of every adapter stays), got {keep}")
     removed_dirs: list[str] = []
     removed_blobs: list[str] = []
     freed, busy = 0, 0
@@ -84,7 +85,7 @@ def prune_cache(root: str | os.PathLike[str] | None = None, *, keep: int = 1, dr
                         used |= _used_blobs(vdir)
                         continue
                     try:
-                        with cache.lock(f"adapter-{form}-{owner}--{name}--v{v}", timeout=0):
+                        with cache.version_lock(owner, name, v, timeout=0):
                             size = _dir_bytes(vdir)
                             if not dry_run:
                                 with cache.staging(f"prune-{owner}--{name}--v{v}") as trash:
@@ -101,7 +102,7 @@ def prune_cache(root: str | os.PathLike[str] | None = None, *, keep: int = 1, dr
             if not HEX64_RE.match(blob.name) or blob.name in used:
                 continue
             try:
-                with base.lock(f"blob-{blob.name}", timeout=0):
+                with base.blob_lock(blob.name, timeout=0):
                     size = blob.stat().st_size
                     if not dry_run:
                         blob.unlink()

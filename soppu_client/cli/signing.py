@@ -1,73 +1,40 @@
-"""`soppu keygen`, `soppu sign`, `soppu verify-signature`: thin click commands over signing.py.
+"""`soppu keygen`, `soppu sign`, `soppu verify-signature`: Ed25519 keys and the bundle's signed statement.
 
-Registered on the `soppu` group by cli.py via ``COMMANDS``.  Exit codes: 0 ok, 1 failed
-verification, 2 bad usage or input (``SoppuError.exit_code``).  ``--json`` prints one JSON object
-on stdout, for failures too (``{"ok": false, "error": {...}}``); text mode prints failures as
-``error: ...`` on stderr.  Passphrases never travel on the command line: ``--passphrase-file``
-(``-`` for stdin) or the ``SOPPU_KEY_PASSPHRASE`` environment variable.
+Passphrases never travel on the command line: ``--passphrase-file`` (``-`` for stdin) or
+$SOPPU_KEY_PASSPHRASE.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
+from soppu_client.cli.options import passphrase_file_option, read_passphrase
 from soppu_client.format import signing
-from soppu_client.format.reporting import emit as _emit
-from soppu_client.format.reporting import json_option
-from soppu_client.format.reporting import reporting as _reporting
-from soppu_client.format.errors import InputError
+from soppu_client.format.reporting import emit, json_option, reporting
 
-__all__ = ["COMMANDS", "keygen", "sign", "verify_signature", "PASSPHRASE_ENV"]
-
-PASSPHRASE_ENV = "SOPPU_KEY_PASSPHRASE"
-
-_passphrase_option = click.option(
-    "--passphrase-file", type=click.Path(dir_okay=False, allow_dash=True), default=None,
-    help=f"File holding the key passphrase ('-' for stdin). Default: ${PASSPHRASE_ENV} if set.")
-
-
-def _read_passphrase(passphrase_file: str | None) -> bytes | None:
-    """Passphrase from the file ('-' = stdin, one trailing newline dropped) or the env variable."""
-    if passphrase_file is None:
-        env = os.environ.get(PASSPHRASE_ENV)
-        return env.encode("utf-8") if env else None
-    try:
-        if passphrase_file == "-":
-            data = sys.stdin.buffer.read()
-        else:
-            data = Path(passphrase_file).read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read --passphrase-file {passphrase_file}: {exc.strerror or exc}") from None
-    data = data[:-1] if data.endswith(b"\n") else data
-    data = data[:-1] if data.endswith(b"\r") else data
-    if not data:
-        raise InputError(f"--passphrase-file {passphrase_file} is empty; put the passphrase in it")
-    return data
+__all__ = ["COMMANDS", "keygen", "sign", "verify_signature"]
 
 
 @click.command("keygen")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),
               help="Private key path; the public key goes to <path>.pub.")
-@_passphrase_option
+@passphrase_file_option
 @click.option("--force", is_flag=True, help="Replace existing key files.")
 @json_option
 def keygen(output: str, passphrase_file: str | None, force: bool, as_json: bool) -> None:
     """Create an Ed25519 signing key pair (private key mode 0600)."""
-    with _reporting(as_json):
-        passphrase = _read_passphrase(passphrase_file)
+    with reporting(as_json):
+        passphrase = read_passphrase(passphrase_file)
         priv, pub = signing.generate_keypair(Path(output), passphrase, overwrite=force)
         key_id = signing.public_key_id(pub)
-        _emit(as_json, {"private_key": str(priv), "public_key": str(pub), "key_id": key_id,
-                        "encrypted": passphrase is not None},
-              f"wrote private key {priv} (mode 0600{', encrypted' if passphrase else ''})\n"
-              f"wrote public key {pub}\nkey id {key_id}")
+        emit(as_json, {"private_key": str(priv), "public_key": str(pub), "key_id": key_id,
+                       "encrypted": passphrase is not None},
+             f"wrote private key {priv} (mode 0600{', encrypted' if passphrase else ''})\n"
+             f"wrote public key {pub}\nkey id {key_id}")
 
 
 @click.command("sign")
@@ -79,23 +46,23 @@ def keygen(output: str, passphrase_file: str | None, force: bool, as_json: bool)
               help="Bundle version (positive integer; versions only grow).")
 @click.option("--expires", default="365d", show_default=True,
               help="Expiry: a duration (90d, 12h, 2w, 1y) or a date/time (2027-02-21T00:00:00Z).")
-@_passphrase_option
+@passphrase_file_option
 @json_option
 def sign(bundle: str, key_path: str, owner: str, version: int, expires: str,
          passphrase_file: str | None, as_json: bool) -> None:
     """Sign BUNDLE: write BUNDLE/signature.json over its names, version and every file."""
-    with _reporting(as_json):
+    with reporting(as_json):
         expires_at = signing.parse_expiry(expires)
-        key = signing.load_private_key(Path(key_path), _read_passphrase(passphrase_file))
+        key = signing.load_private_key(Path(key_path), read_passphrase(passphrase_file))
         out = signing.sign_bundle(Path(bundle), key, owner, version, expires_at)
         doc = json.loads(out.read_bytes())
         st = doc["statement"]
-        _emit(as_json, {"signature": str(out), "key_id": doc["key_id"], "owner": st["owner"],
-                        "adapters": st["adapters"], "version": st["version"],
-                        "expires_at": st["expires_at"], "files": len(st["files"])},
-              f"signed {bundle} for owner {st['owner']} version {st['version']} "
-              f"(adapters: {', '.join(st['adapters'])}; {len(st['files'])} files)\n"
-              f"key {doc['key_id']}, expires {st['expires_at']}\nwrote {out}")
+        emit(as_json, {"signature": str(out), "key_id": doc["key_id"], "owner": st["owner"],
+                       "adapters": st["adapters"], "version": st["version"],
+                       "expires_at": st["expires_at"], "files": len(st["files"])},
+             f"signed {bundle} for owner {st['owner']} version {st['version']} "
+             f"(adapters: {', '.join(st['adapters'])}; {len(st['files'])} files)\n"
+             f"key {doc['key_id']}, expires {st['expires_at']}\nwrote {out}")
 
 
 @click.command("verify-signature")
@@ -109,18 +76,18 @@ def sign(bundle: str, key_path: str, owner: str, version: int, expires: str,
 def verify_signature(bundle: str, public_key: str, owner: str | None, adapters: tuple[str, ...],
                      version: int | None, as_json: bool) -> None:
     """Verify BUNDLE/signature.json with a trusted public key and check every file's digest."""
-    with _reporting(as_json):
+    with reporting(as_json):
         pub = signing.load_public_key(Path(public_key) if os.path.exists(public_key) else public_key)
         st = signing.verify_bundle(Path(bundle), pub, owner=owner, adapter=list(adapters) or None,
                                    version=version)
         key_id = signing.public_key_id(pub)
-        _emit(as_json, {"bundle": bundle, "key_id": key_id, "owner": st["owner"],
-                        "adapters": st["adapters"], "version": st["version"],
-                        "base_model": st["base_model"], "expires_at": st["expires_at"],
-                        "files": len(st["files"])},
-              f"OK: {bundle} is signed by {key_id} for owner {st['owner']} version {st['version']} "
-              f"(adapters: {', '.join(st['adapters'])}; {len(st['files'])} files verified; "
-              f"expires {st['expires_at']})")
+        emit(as_json, {"bundle": bundle, "key_id": key_id, "owner": st["owner"],
+                       "adapters": st["adapters"], "version": st["version"],
+                       "base_model": st["base_model"], "expires_at": st["expires_at"],
+                       "files": len(st["files"])},
+             f"OK: {bundle} is signed by {key_id} for owner {st['owner']} version {st['version']} "
+             f"(adapters: {', '.join(st['adapters'])}; {len(st['files'])} files verified; "
+             f"expires {st['expires_at']})")
 
 
-COMMANDS: list[Callable[..., Any]] = [keygen, sign, verify_signature]
+COMMANDS: list[click.Command] = [keygen, sign, verify_signature]

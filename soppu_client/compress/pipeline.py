@@ -1,14 +1,25 @@
-"""End to end: adapter dirs -> validated collection -> per-module fits + metrics -> bundle.
+"""End to end: adapter dirs -> validated collection -> per-module cores + metrics -> bundle.
 
-Streams module by module (one module's factors for all adapters in memory at a time); the bases
-and cores, which are the compressed result and small, accumulate until the bundle is written
-atomically at the end.
+Two ways to a bundle, one producer of its :class:`~soppu_client.format.bundle.Manifest` and
+:class:`~soppu_client.format.bundle.Sizes`:
+
+- :func:`compress_adapters` / :func:`compress_collection` fit shared bases (one per cluster) and
+  every adapter's core;
+- :func:`project_adapters` keeps an existing bundle's bases and fits only the new adapters' cores
+  (``compress/project.py``, no refit). The new bundle reuses ``basis.safetensors`` byte for byte,
+  so a registry stores it once (same sha256) and a server that holds the basis loads only the new
+  cores; with several clusters each new adapter joins the cluster whose basis leaves the smallest
+  total error over all modules.
+
+Both stream module by module (one module's factors for all adapters in memory at a time); bases
+and cores, the compressed result and small, accumulate until the bundle is written atomically.
 """
 
 from __future__ import annotations
 
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,26 +28,60 @@ import torch
 
 from soppu_client import __version__
 from soppu_client.adapters import AdapterCollection, load_collection
-from soppu_client.format.bundle import TORCH_DTYPES, BundleBuilder, canonical_dumps, core_path, peft_fields
-from soppu_client.compress import CompressConfig, assign_clusters, iter_compressed_modules
-from soppu_client.metrics import ModuleMetrics, module_metrics, parameter_counts, summarize
+from soppu_client.compress import CompressConfig, assign_clusters, iter_compressed_modules, stack_factors
+from soppu_client.compress.project import project_cores
+from soppu_client.format.bundle import (
+    AdapterEntry,
+    Bundle,
+    BundleBuilder,
+    BundleMetrics,
+    Manifest,
+    Sizes,
+    canonical_dumps,
+    peft_fields,
+    torch_dtype,
+)
+from soppu_client.format.errors import InputError
+from soppu_client.format.names import BASIS, METRICS, core_path
+from soppu_client.metrics import ModuleMetrics, module_metrics, summarize
+
+__all__ = ["compress_adapters", "compress_collection", "project_adapters"]
 
 
-
-def adapter_entries(collection: AdapterCollection, cluster_of: list[int]) -> dict:
-    """The manifest's "adapters" section: core file, cluster, source rank and alpha per adapter."""
-    return {
-        info.name: {"core": core_path(info.name), "cluster": cluster_of[i], "source_rank": info.rank, "alpha": info.alpha}
-        for i, info in enumerate(collection.adapters)
-    }
+# --------------------------------------------------------------------------- shared
 
 
-def metrics_sections(metrics: list[ModuleMetrics], names: list[str], sizes: dict) -> tuple[dict, dict[str, bytes]]:
-    """(manifest "metrics" section, {"metrics.json": per-module detail}) of a bundle."""
+def _adapter_entries(collection: AdapterCollection, cluster_of: list[int]) -> dict[str, AdapterEntry]:
+    """The manifest's adapters: core file, cluster, source rank and alpha per adapter."""
+    return {info.name: AdapterEntry(core=core_path(info.name), cluster=cluster_of[i], source_rank=info.rank,
+                                    alpha=info.alpha)
+            for i, info in enumerate(collection.adapters)}
+
+
+def _sizes(collection: AdapterCollection, builder: BundleBuilder, *, basis_reused: bool) -> Sizes:
+    """Parameters before (sum of r_i (d_in + d_out)) and after (bases + cores), and bytes."""
+    shapes, k = collection.shapes, builder.rank
+    before = sum(info.modules[m][2] * (d_out + d_in) for info in collection.adapters for m, (d_out, d_in) in shapes.items())
+    basis = sum(builder.n_clusters * k * (d_out + d_in) for d_out, d_in in shapes.values())
+    cores = len(collection.adapters) * len(shapes) * (k if builder.diag else k * k)
+    source_bytes = sum(info.weights_path.stat().st_size for info in collection.adapters)
+    return Sizes(params_before=int(before), params_basis=int(basis), params_cores=int(cores), basis_reused=basis_reused,
+                 source_bytes=int(source_bytes), tensor_bytes=builder.tensor_bytes())
+
+
+def _write(builder: BundleBuilder, out: str | Path, manifest: Manifest, metrics: list[ModuleMetrics],
+           collection: AdapterCollection, *, basis_reused: bool, force: bool) -> Manifest:
+    """Attach metrics (manifest summary + metrics.json detail) and sizes, then write the bundle."""
+    names = collection.names
     summary = summarize(metrics, names)
-    section = {"summary": {k: v for k, v in summary.items() if k != "layers"}, "layers": summary["layers"], "sizes": sizes}
+    section = BundleMetrics(summary={k: v for k, v in summary.items() if k != "layers"}, layers=summary["layers"],
+                            sizes=_sizes(collection, builder, basis_reused=basis_reused))
     detail = {"error_definition": summary["error_definition"], "modules": [m.to_json(names) for m in metrics]}
-    return section, {"metrics.json": canonical_dumps(detail).encode()}
+    manifest = replace(manifest, modules=dict(builder.shapes), metrics=section)
+    return builder.write(Path(out), manifest, extra_files={METRICS: canonical_dumps(detail).encode()}, force=force)
+
+
+# --------------------------------------------------------------------------- compress
 
 
 def compress_collection(
@@ -46,12 +91,12 @@ def compress_collection(
     *,
     force: bool = False,
     progress: Callable | None = None,
-) -> dict:
-    """Compress ``collection`` into the bundle ``out``; return the manifest (with metrics)."""
+) -> Manifest:
+    """Compress ``collection`` into the bundle ``out``; return its manifest (with metrics)."""
     started = time.perf_counter()
     names = collection.names
     dtype_name = collection.storage_dtype if config.dtype == "auto" else config.dtype
-    storage = TORCH_DTYPES[dtype_name]
+    storage = torch_dtype(dtype_name)
     cluster_of = assign_clusters(collection, config.clusters, config.rank, seed=config.seed, weighting=config.weighting)
     n_clusters = max(cluster_of) + 1
     builder = BundleBuilder(names, config.rank, config.diag, n_clusters=n_clusters, dtype=storage)
@@ -67,19 +112,16 @@ def compress_collection(
         metrics.append(module_metrics(module, factors, U, V, cores, fit.cluster_of, config.rank))
         iterations.extend(fit.iterations)
         converged &= all(fit.converged)
-    ranks = [{m: info.modules[m][2] for m in collection.modules} for info in collection.adapters]
-    sizes = parameter_counts(collection.shapes, ranks, config.rank, n_clusters, config.diag)
-    source_bytes = sum(info.weights_path.stat().st_size for info in collection.adapters)
-    manifest = {
-        "format": "soppu-bundle/1",
-        "base_model": collection.base_model,
-        "method": config.method,
-        "rank": config.rank,
-        "dtype": dtype_name,
-        "clusters": n_clusters,
-        "peft": peft_fields([info.config for info in collection.adapters]),
-        "adapters": adapter_entries(collection, cluster_of),
-        "fit": {
+    manifest = Manifest(
+        base_model=collection.base_model,
+        method=config.method,
+        rank=config.rank,
+        dtype=dtype_name,
+        clusters=n_clusters,
+        modules={},
+        adapters=_adapter_entries(collection, cluster_of),
+        peft=peft_fields([info.config for info in collection.adapters]),
+        fit={
             **config.to_json(),
             "iterations_mean": float(np.mean(iterations)),
             "iterations_max": int(np.max(iterations)),
@@ -89,11 +131,8 @@ def compress_collection(
             "torch": torch.__version__,
             "machine": platform.machine(),
         },
-    }
-    tensor_bytes = builder.tensor_bytes()
-    sizes.update(source_bytes=int(source_bytes), tensor_bytes=tensor_bytes, byte_ratio=source_bytes / tensor_bytes)
-    manifest["metrics"], extra = metrics_sections(metrics, names, sizes)
-    return builder.write(Path(out), manifest, extra_files=extra, force=force)
+    )
+    return _write(builder, out, manifest, metrics, collection, basis_reused=False, force=force)
 
 
 def compress_adapters(
@@ -104,7 +143,90 @@ def compress_adapters(
     names: list[str] | None = None,
     force: bool = False,
     progress: Callable | None = None,
-) -> dict:
+) -> Manifest:
     """Validate ``adapter_dirs`` (all problems at once) and compress them into ``out``."""
     collection = load_collection(adapter_dirs, names)
     return compress_collection(collection, out, config, force=force, progress=progress)
+
+
+# --------------------------------------------------------------------------- project
+
+
+def _check_compatible(base: Bundle, collection: AdapterCollection, label: str) -> None:
+    problems = []
+    m = base.manifest
+    if collection.base_model != m.base_model:
+        problems.append(f"the adapters are for `{collection.base_model}`, the bundle for `{m.base_model}`")
+    if set(m.modules) != set(collection.shapes):
+        missing = sorted(set(m.modules) ^ set(collection.shapes))
+        problems.append(f"the adapters and the bundle target different modules (e.g. `{missing[0]}`)")
+    else:
+        bad = [mod for mod in m.modules if m.modules[mod] != tuple(collection.shapes[mod])]
+        if bad:
+            problems.append(f"module `{bad[0]}` is {list(collection.shapes[bad[0]])} in the adapters, "
+                            f"{list(m.modules[bad[0]])} in the bundle")
+    taken = sorted(set(collection.names) & set(base.names))
+    if taken:
+        problems.append(f"adapter name(s) {', '.join(f'`{n}`' for n in taken)} already in the bundle; rename the directories")
+    if problems:
+        raise InputError(f"cannot project onto {label}: " + "; ".join(problems))
+
+
+def project_adapters(
+    adapter_dirs: list[str | Path], onto: str | Path | Bundle, out: str | Path, *, force: bool = False,
+    progress: Callable | None = None, onto_label: str | None = None,
+) -> Manifest:
+    """Write bundle ``out`` holding the new adapters' cores on the basis of bundle ``onto``.
+
+    ``onto``: a bundle dir, or an opened Bundle whose basis.safetensors is already verified (e.g.
+    one fetched by ``soppu_client.fetch.fetch_published_basis``); ``onto_label`` names it in errors
+    and in the manifest's ``fit.projected_onto`` (default: its path).
+    """
+    started = time.perf_counter()
+    base = onto if isinstance(onto, Bundle) else Bundle.open(onto)
+    label = onto_label or str(base.path)
+    collection = load_collection(adapter_dirs)
+    _check_compatible(base, collection, label)
+    n_clusters, diag, k = base.n_clusters, base.diag, base.rank
+
+    def bases(module: str, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        U, V = base.bases(module, c)
+        return U.double(), V.double()
+
+    cluster_of = [0] * len(collection.names)
+    if n_clusters > 1:  # pass 1: total residual per (adapter, cluster)
+        residual = np.zeros((len(collection.names), n_clusters))
+        for module in base.modules:
+            factors = collection.module_factors(module, dtype=np.float64)
+            stack = stack_factors(factors, dtype=torch.float64)
+            for c in range(n_clusters):
+                U, V = bases(module, c)
+                S = project_cores(stack, U, V, diag=diag).numpy()
+                m = module_metrics(module, factors, [U.numpy()], [V.numpy()], list(S), [0] * len(factors), k)
+                residual[:, c] += m.sq_residual
+        cluster_of = residual.argmin(1).tolist()
+
+    storage = torch_dtype(base.manifest.dtype)
+    builder = BundleBuilder(collection.names, k, diag, n_clusters, storage, reuse_basis=base.path / BASIS)
+    metrics = []
+    for module in progress(base.modules) if progress else base.modules:
+        factors = collection.module_factors(module, dtype=np.float64)
+        stack = stack_factors(factors, dtype=torch.float64)
+        cores = torch.zeros((len(factors), k) if diag else (len(factors), k, k), dtype=torch.float64)
+        for c in set(cluster_of):
+            members = [i for i, ci in enumerate(cluster_of) if ci == c]
+            U, V = bases(module, c)
+            cores[members] = project_cores(stack.subset(members), U, V, diag=diag)
+        Us, Vs = zip(*(bases(module, c) for c in range(n_clusters)))
+        builder.add_module(module, list(Us), list(Vs), cores)
+        stored = [s.to(storage).double().numpy() for s in cores]
+        metrics.append(module_metrics(module, factors, [u.numpy() for u in Us], [v.numpy() for v in Vs], stored,
+                                      cluster_of, k))
+    bm = base.manifest
+    manifest = Manifest(
+        base_model=bm.base_model, method=bm.method, rank=bm.rank, dtype=bm.dtype, clusters=bm.clusters, modules={},
+        adapters=_adapter_entries(collection, cluster_of), peft=bm.peft, format=bm.format,
+        fit={"projected_onto": label, "basis_sha256": bm.files[BASIS].sha256,
+             "seconds": round(time.perf_counter() - started, 3)},
+    )
+    return _write(builder, out, manifest, metrics, collection, basis_reused=True, force=force)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from soppu_client.format.errors import InputError
+
 WEIGHTINGS = ("equal", "norm")
 
 
@@ -69,7 +71,7 @@ def stack_factors(
 ) -> FactorStack:
     """Stack ``[(A_i [r_i, d_in], B_i [d_out, r_i])]`` (scaling already folded into B_i)."""
     if weighting not in WEIGHTINGS:
-        raise ValueError(f"`weighting` must be one of {WEIGHTINGS}, got {weighting!r}")
+        raise InputError(f"`weighting` should be one of {', '.join(WEIGHTINGS)}, but the value passed is {weighting!r}")
     n = len(factors)
     r = max(a.shape[0] for a, _ in factors)
     d_in = factors[0][0].shape[1]

@@ -10,6 +10,8 @@
     └── RegistryError          the registry refused or could not be reached (exit 1)
 
 The CLI maps ``exit_code`` to the process exit status: 0 ok, 1 failed check, 2 bad usage or input.
+``VerificationError.code`` (and so ``SignatureError.code``) names the failed check for programs, e.g.
+the registry maps it to its HTTP error code; see :class:`SignatureError` for the values.
 """
 
 from __future__ import annotations
@@ -50,13 +52,26 @@ class SafetensorsFormatError(SoppuError):
 
 
 class VerificationError(SoppuError):
-    """A verification ran and failed (reconstruction error, digest, output agreement)."""
+    """A verification ran and failed (reconstruction error, digest, output agreement).
+
+    ``code``: a machine-readable name of the failed check (None where there is none)."""
 
     exit_code = 1
 
+    def __init__(self, message: str, *, code: str | None = None):
+        super().__init__(message)
+        self.code = code
+
 
 class SignatureError(VerificationError):
-    """A signature, key, expiry or signed statement did not verify."""
+    """A signature, key, expiry or signed statement did not verify.
+
+    ``code`` is one of: ``unsigned`` (no signature.json), ``malformed`` (signature document),
+    ``wrong_key`` (signed by another key than the trusted one), ``bad_signature`` (Ed25519 check
+    failed), ``bad_statement`` (statement schema), ``expired``, ``owner_mismatch``,
+    ``name_mismatch``, ``version_mismatch``, ``files_mismatch`` (files on disk differ from the
+    statement), ``bad_manifest`` (manifest.json malformed or disagreeing with the statement).
+    """
 
 
 class RegistryError(SoppuError):

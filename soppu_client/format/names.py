@@ -34,6 +34,10 @@ METRICS = "metrics.json"
 # -- environment ----------------------------------------------------------------------------------
 PASSPHRASE_ENV = "SOPPU_KEY_PASSPHRASE"
 """Passphrase of an encrypted private key (read by the owner's CLI)."""
+REGISTRY_URL_ENV = "SOPPU_REGISTRY_URL"
+"""Registry base URL (the owner's CLI and the serving side)."""
+REGISTRY_TOKEN_ENV = "SOPPU_REGISTRY_TOKEN"
+"""Registry token (the owner's CLI; the serving side's token for requests without api_token)."""
 
 
 def core_path(name: str) -> str:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from soppu_client.format.names import ADAPTER_NAME_RE as NAME_RE
-from soppu_client.format.names import OWNER_RE
 from soppu_client.format.errors import InputError
+from soppu_client.format.names import ADAPTER_NAME_RE, OWNER_RE
 
-
-__all__ = ["NAME_RE", "OWNER_RE", "AdapterRef"]
+__all__ = ["AdapterRef"]
 
 
 @dataclass(frozen=True)
@@ -34,10 +32,10 @@ class AdapterRef:
         elif revision and str(revision).isdigit():
             version = int(revision)
         owner, sep, name = body.partition("/")
-        if not sep or not OWNER_RE.match(owner) or not NAME_RE.match(name):
+        if not sep or not OWNER_RE.match(owner) or not ADAPTER_NAME_RE.match(name):
             raise InputError(
                 f"{label} {text!r} must look like `owner/name` or `owner/name@version` "
-                f"(owner {OWNER_RE.pattern}, name {NAME_RE.pattern})"
+                f"(owner {OWNER_RE.pattern}, name {ADAPTER_NAME_RE.pattern})"
             )
         return cls(owner, name, version)
 

@@ -18,7 +18,10 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print one JS
 
 @contextmanager
 def reporting(as_json: bool) -> Iterator[None]:
-    """Turn a SoppuError into its message and exit code; never a traceback for user mistakes."""
+    """Turn a SoppuError into its message and exit code; never a traceback for user mistakes.
+
+    With ``as_json`` the output is one object ``{"ok": false, "error": {...}}``; an error that
+    carries a ``report`` dict (a check that ran and failed) puts that report beside ``error``."""
     try:
         yield
     except SoppuError as exc:
@@ -27,7 +30,8 @@ def reporting(as_json: bool) -> Iterator[None]:
             for field in ("status", "code", "url"):  # RegistryError carries where and why
                 if hasattr(exc, field):
                     err[field] = getattr(exc, field)
-            click.echo(json.dumps({"ok": False, "error": err}, indent=2))
+            report = getattr(exc, "report", None) or {}
+            click.echo(json.dumps({"ok": False, **report, "error": err}, indent=2, default=_jsonable))
         else:
             click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)

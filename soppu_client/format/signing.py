@@ -35,22 +35,23 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from soppu_client.format.errors import BundleError, InputError, SignatureError, VerificationError
-from soppu_client.format.fsutil import atomic_write, file_digest  # noqa: F401  (re-exported)
-from soppu_client.format.names import ADAPTER_NAME_RE, HEX64_RE
+from soppu_client.format.bundle import Manifest, is_safe_relpath
+from soppu_client.format.errors import BundleError, InputError, SignatureError
+from soppu_client.format.fsutil import atomic_write, file_digest
+from soppu_client.format.names import (
+    ADAPTER_NAME_RE,
+    HEX64_RE,
+    MANIFEST,
+    PASSPHRASE_ENV,
+    SIGNATURE,
+    STATEMENT_FORMAT,
+)
 
 __all__ = [
-    "STATEMENT_FORMAT", "SIGNATURE_FILE", "MANIFEST_FILE",
     "generate_keypair", "load_private_key", "load_public_key", "public_key_id",
     "canonical_json", "parse_expiry", "format_timestamp", "build_statement", "sign_statement",
-    "sign_bundle", "verify_statement", "verify_bundle", "read_signature", "diff_files",
-    "file_digest", "atomic_write",
+    "sign_bundle", "verify_statement", "verify_bundle", "read_signature", "diff_files", "check_manifest",
 ]
-
-STATEMENT_FORMAT = "soppu-statement/1"
-SIGNATURE_FILE = "signature.json"
-MANIFEST_FILE = "manifest.json"
-"""Adapter and owner names."""
 
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 _DURATION = re.compile(r"^(\d+)([smhdwy])$")
@@ -113,7 +114,7 @@ def load_private_key(path: Path | str, passphrase: bytes | None = None) -> Ed255
         except TypeError:  # password-protected
             if not passphrase:
                 raise InputError(f"private key {path} is encrypted; give its passphrase with --passphrase-"
-                                 "file or the SOPPU_KEY_PASSPHRASE environment variable") from None
+                                 f"file or the {PASSPHRASE_ENV} environment variable") from None
             try:
                 key = loader(data, passphrase)
             except ValueError:
@@ -219,10 +220,14 @@ def format_timestamp(when: datetime) -> str:
     return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _parse_timestamp(text: str) -> datetime:
-    if not _TIMESTAMP.match(text):
-        raise ValueError(text)
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+def _parse_timestamp(text: object) -> datetime | None:
+    """An RFC 3339 UTC time like 2027-02-21T00:00:00Z, or None when ``text`` is not one."""
+    if not isinstance(text, str) or not _TIMESTAMP.match(text):
+        return None
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    except ValueError:  # e.g. month 13
+        return None
 
 
 def parse_expiry(value: str | datetime | timedelta, *, now: datetime | None = None) -> datetime:
@@ -269,21 +274,20 @@ def _check_version(version: object) -> int:
 
 def _safe_relpath(bundle_dir: Path, rel: object) -> Path:
     """Resolve a manifest file path; refuse absolute paths, '..', backslashes and symlinks."""
-    if (not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel
-            or any(part in ("", ".", "..") for part in rel.split("/"))):
-        raise BundleError(f"{bundle_dir / MANIFEST_FILE}: file path {rel!r} is not a plain relative "
+    if not is_safe_relpath(rel):
+        raise BundleError(f"{bundle_dir / MANIFEST}: file path {rel!r} is not a plain relative "
                           "path inside the bundle")
     return bundle_dir / rel
 
 
 def _load_manifest(bundle_dir: Path) -> dict:
-    path = bundle_dir / MANIFEST_FILE
+    path = bundle_dir / MANIFEST
     if not bundle_dir.is_dir():
         raise InputError(f"bundle {bundle_dir} is not a directory")
     try:
         manifest = json.loads(path.read_bytes())
     except FileNotFoundError:
-        raise BundleError(f"bundle {bundle_dir} has no {MANIFEST_FILE}; is it a soppu bundle?") from None
+        raise BundleError(f"bundle {bundle_dir} has no {MANIFEST}; is it a soppu bundle?") from None
     except (OSError, ValueError) as exc:
         raise BundleError(f"{path} is not readable JSON: {exc}") from None
     if not isinstance(manifest, dict):
@@ -311,12 +315,12 @@ def build_statement(bundle_dir: Path, owner: str, version: int,
     for name in adapters:
         _check_name("adapter", name)
     if not adapters:
-        raise BundleError(f"{bundle_dir / MANIFEST_FILE}: `adapters` is empty; nothing to sign")
+        raise BundleError(f"{bundle_dir / MANIFEST}: `adapters` is empty; nothing to sign")
     files: list[dict] = []
     problems = [f"`{rel}` must not be listed in manifest `files`"
-                for rel in (MANIFEST_FILE, SIGNATURE_FILE) if rel in manifest["files"]]
-    listed = {**manifest["files"], MANIFEST_FILE: None}
-    listed.pop(SIGNATURE_FILE, None)
+                for rel in (MANIFEST, SIGNATURE) if rel in manifest["files"]]
+    listed = {**manifest["files"], MANIFEST: None}
+    listed.pop(SIGNATURE, None)
     for rel in sorted(listed):
         digest, size, problem = _describe_listed(bundle_dir, rel, listed[rel])
         if problem:
@@ -355,7 +359,7 @@ def _walk_bundle(bundle_dir: Path) -> list[str]:
         dirs.sort()
         for n in names + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             rel = Path(root, n).relative_to(bundle_dir).as_posix()
-            if rel != SIGNATURE_FILE:
+            if rel != SIGNATURE:
                 out.append(rel)
     return sorted(out)
 
@@ -373,7 +377,7 @@ def sign_bundle(bundle_dir: Path, private_key: Ed25519PrivateKey, owner: str, ve
     """Build, sign and atomically write ``<bundle>/signature.json``; return its path."""
     bundle_dir = Path(bundle_dir)
     doc = sign_statement(build_statement(bundle_dir, owner, version, expires_at), private_key)
-    out = bundle_dir / SIGNATURE_FILE
+    out = bundle_dir / SIGNATURE
     data = json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
     try:
         atomic_write(out, data, mode=0o644)
@@ -387,48 +391,51 @@ def sign_bundle(bundle_dir: Path, private_key: Ed25519PrivateKey, owner: str, ve
 
 def read_signature(bundle_dir: Path) -> dict:
     """Read ``<bundle>/signature.json``; SignatureError if absent or not a JSON object."""
-    path = Path(bundle_dir) / SIGNATURE_FILE
+    path = Path(bundle_dir) / SIGNATURE
     try:
         doc = json.loads(path.read_bytes())
     except FileNotFoundError:
-        raise SignatureError(f"bundle {bundle_dir} is not signed: {SIGNATURE_FILE} is missing; "
-                             "sign it with `soppu sign`") from None
+        raise SignatureError(f"bundle {bundle_dir} is not signed: {SIGNATURE} is missing; "
+                             "sign it with `soppu sign`", code="unsigned") from None
     except (OSError, ValueError, RecursionError) as exc:
-        raise SignatureError(f"{path} is not readable JSON: {exc}") from None
+        raise SignatureError(f"{path} is not readable JSON: {exc}", code="malformed") from None
     if not isinstance(doc, dict):
-        raise SignatureError(f"{path}: expected a JSON object")
+        raise SignatureError(f"{path}: expected a JSON object", code="malformed")
     return doc
 
 
 def _check_signature(doc: dict, pub: Ed25519PublicKey) -> dict:
     if set(doc) != _DOC_KEYS:
-        raise SignatureError(f"signature document is malformed: keys {sorted(doc)} != {sorted(_DOC_KEYS)}")
+        raise SignatureError(f"signature document is malformed: keys {sorted(doc)} != {sorted(_DOC_KEYS)}",
+                             code="malformed")
     statement, sig_b64 = doc["statement"], doc["signature"]
     if not isinstance(statement, dict) or not isinstance(sig_b64, str):
         raise SignatureError("signature document is malformed: needs a `statement` object and a "
-                             "base64 `signature` string")
+                             "base64 `signature` string", code="malformed")
     expected_id = public_key_id(pub)
     raw = _b64_raw_key(doc["public_key"]) if isinstance(doc["public_key"], str) else None
     if raw is None:
-        raise SignatureError("signature document is malformed: `public_key` is not base64 of 32 bytes")
+        raise SignatureError("signature document is malformed: `public_key` is not base64 of 32 bytes",
+                             code="malformed")
     claimed_id = public_key_id(Ed25519PublicKey.from_public_bytes(raw))
     if doc["key_id"] != claimed_id:
         raise SignatureError(f"signature document is malformed: `key_id` {doc['key_id']!r} does not "
-                             f"match its `public_key` ({claimed_id})")
+                             f"match its `public_key` ({claimed_id})", code="malformed")
     if claimed_id != expected_id:
         raise SignatureError(f"wrong key: the bundle was signed with key {claimed_id}, but the "
-                             f"trusted public key is {expected_id}")
+                             f"trusted public key is {expected_id}", code="wrong_key")
     try:
         sig = base64.b64decode(sig_b64, validate=True)
         message = canonical_json(statement)
     except (binascii.Error, ValueError, TypeError):
         raise SignatureError("signature document is malformed: `signature` is not base64 or the "
-                             "statement is not canonical-JSON serialisable") from None
+                             "statement is not canonical-JSON serialisable", code="malformed") from None
     try:
         pub.verify(sig, message)
     except InvalidSignature:
         raise SignatureError(f"signature does not verify with key {expected_id}: the statement was "
-                             "changed after signing, or it was signed with another key") from None
+                             "changed after signing, or it was signed with another key",
+                             code="bad_signature") from None
     return statement
 
 
@@ -446,15 +453,19 @@ def _check_statement_schema(st: dict) -> None:
         problems.append("adapters must be a non-empty sorted list of distinct names")
     if type(st.get("version")) is not int:
         problems.append("version must be an integer")
-    if not isinstance(st.get("expires_at"), str) or not _TIMESTAMP.match(st["expires_at"]):
+    if _parse_timestamp(st.get("expires_at")) is None:
         problems.append("expires_at must be an RFC 3339 UTC time like 2027-02-21T00:00:00Z")
     files = st.get("files")
     if not (isinstance(files, list) and all(_valid_file_entry(f) for f in files)):
         problems.append("files must be a list of {path, sha256 (64 hex), size (int)}")
     elif [f["path"] for f in files] != sorted({f["path"] for f in files}):
         problems.append("files must be sorted by path without duplicates")
+    elif not all(is_safe_relpath(f["path"]) for f in files):
+        problems.append("file paths must be plain relative paths inside the bundle")
+    elif MANIFEST not in {f["path"] for f in files}:
+        problems.append(f"files must include {MANIFEST}")
     if problems:
-        raise SignatureError("signed statement is malformed: " + "; ".join(problems))
+        raise SignatureError("signed statement is malformed: " + "; ".join(problems), code="bad_statement")
 
 
 def _valid_file_entry(f: object) -> bool:
@@ -475,7 +486,7 @@ def verify_statement(signature_doc: dict, public_key: Ed25519PublicKey | Path | 
     match the statement.  Raises SignatureError naming the first thing that failed.
     """
     if not isinstance(signature_doc, dict):
-        raise SignatureError("signature document is malformed: expected a JSON object")
+        raise SignatureError("signature document is malformed: expected a JSON object", code="malformed")
     pub = load_public_key(public_key)
     st = _check_signature(signature_doc, pub)
     _check_statement_schema(st)
@@ -483,21 +494,21 @@ def verify_statement(signature_doc: dict, public_key: Ed25519PublicKey | Path | 
     if now.tzinfo is None:
         now = now.replace(tzinfo=timezone.utc)
     expires = _parse_timestamp(st["expires_at"])
-    if now >= expires:
+    if expires is None or now >= expires:  # (None: ruled out by the schema check)
         raise SignatureError(f"statement expired at {st['expires_at']} (now {format_timestamp(now)}); "
-                             "re-sign the bundle with a later --expires")
+                             "re-sign the bundle with a later --expires", code="expired")
     if owner is not None and st["owner"] != owner:
         raise SignatureError(f"owner mismatch: the statement is signed for owner {st['owner']!r}, "
-                             f"not {owner!r}")
+                             f"not {owner!r}", code="owner_mismatch")
     wanted = [adapter] if isinstance(adapter, str) else list(adapter or [])
     missing = [a for a in wanted if a not in st["adapters"]]
     if missing:
         names = repr(missing[0]) if len(missing) == 1 else repr(missing)
         raise SignatureError(f"adapter name mismatch: the statement covers adapters "
-                             f"{st['adapters']}, not {names}")
+                             f"{st['adapters']}, not {names}", code="name_mismatch")
     if version is not None and st["version"] != version:
         raise SignatureError(f"version mismatch: the statement is signed for version {st['version']}, "
-                             f"not {version}")
+                             f"not {version}", code="version_mismatch")
     return st
 
 
@@ -556,53 +567,60 @@ def verify_bundle(bundle_dir: Path, public_key: Ed25519PublicKey | Path | str | 
                           adapter=adapter, version=version)
     actual, problems = _files_on_disk(bundle_dir)
     problems = diff_files(st["files"], actual) + problems
-    if not problems:
-        problems = _manifest_agrees(bundle_dir, st)
     if problems:
         raise SignatureError(f"bundle {bundle_dir} does not match its signed statement:\n"
-                             + "\n".join(f"  - {p}" for p in problems))
+                             + "\n".join(f"  - {p}" for p in problems), code="files_mismatch")
+    try:
+        data: Any = json.loads((bundle_dir / MANIFEST).read_bytes())
+    except (OSError, ValueError) as exc:
+        data = exc
+    _, problems = _manifest_problems(data, st)
+    if problems:
+        raise SignatureError(f"bundle {bundle_dir} does not match its signed statement:\n"
+                             + "\n".join(f"  - {p}" for p in problems), code="bad_manifest")
     return st
 
 
-def _manifest_agrees(bundle_dir: Path, st: dict) -> list[str]:
-    """With digests already verified, check manifest.json says what the statement says."""
+def _manifest_problems(data: Any, statement: dict[str, Any], needed: Sequence[str] = (),
+                       adapter: str | None = None) -> tuple[Manifest | None, list[str]]:
+    """The one rule set for manifest.json against its (verified) signed statement: the manifest
+    parses (:meth:`Manifest.from_json`: format tag, names, core paths, shapes), has the statement's
+    base model and adapters (and ``adapter``, when given), lists exactly the statement's files
+    (manifest.json aside) with their signed sha256 and size, and the statement covers ``needed``."""
+    if isinstance(data, Exception):
+        return None, [f"{MANIFEST} is not readable JSON: {data}"]
     try:
-        manifest = _load_manifest(bundle_dir)
+        manifest = Manifest.from_json(data, MANIFEST)
     except BundleError as exc:
-        return [str(exc)]
+        return None, [str(exc)]
+    signed = {f["path"]: f for f in statement["files"]}
     problems = []
-    if sorted(manifest["adapters"]) != st["adapters"]:
-        problems.append(f"manifest adapters {sorted(manifest['adapters'])} != statement adapters "
-                        f"{st['adapters']}")
-    if manifest["base_model"] != st["base_model"]:
-        problems.append(f"manifest base_model {manifest['base_model']!r} != statement "
-                        f"{st['base_model']!r}")
-    listed = {MANIFEST_FILE, *manifest["files"]}
-    covered = {f["path"] for f in st["files"]}
+    if manifest.base_model != statement["base_model"]:
+        problems.append(f"manifest base_model {manifest.base_model!r} != statement {statement['base_model']!r}")
+    if sorted(manifest.adapters) != statement["adapters"]:
+        problems.append(f"manifest adapters {sorted(manifest.adapters)} != statement adapters {statement['adapters']}")
+    if adapter is not None and adapter not in manifest.adapters:
+        problems.append(f"manifest has no adapter {adapter!r}")
+    listed, covered = {MANIFEST, *manifest.files}, set(signed)
     if listed != covered:
         problems.append(f"manifest files {sorted(listed)} != statement files {sorted(covered)}")
-    return problems
+    for rel, entry in sorted(manifest.files.items()):
+        f = signed.get(rel)
+        if f is not None and (entry.sha256 != f["sha256"] or entry.size != f["size"]):
+            problems.append(f"`{rel}`: manifest records sha256 {entry.sha256} ({entry.size} bytes), the statement "
+                            f"signs {f['sha256']} ({f['size']} bytes)")
+    problems += [f"`{rel}` is not in the signed statement" for rel in needed if rel not in signed]
+    return manifest, problems
 
 
-def check_manifest(manifest: Any, statement: dict[str, Any], label: str, needed: list[str],
-                   adapter: str | None = None) -> None:
-    """A downloaded manifest.json must agree with the signed statement: same base model, the
-    ``needed`` files listed with their signed sha256 and size, and (given) ``adapter`` in it."""
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{label}: manifest.json is not a JSON object")
-    by_path = {f["path"]: f for f in statement["files"]}
-    problems = []
-    if manifest.get("base_model") != statement["base_model"]:
-        problems.append(f"base_model {manifest.get('base_model')!r} != signed {statement['base_model']!r}")
-    if adapter is not None and (not isinstance(manifest.get("adapters"), dict) or adapter not in manifest["adapters"]):
-        problems.append(f"manifest.json has no adapter {adapter!r}")
-    listed = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
-    for rel in needed:
-        if rel not in by_path:
-            problems.append(f"{rel} is not in the signed statement")
-            continue
-        m = listed.get(rel)
-        if not isinstance(m, dict) or m.get("sha256") != by_path[rel]["sha256"] or m.get("size") != by_path[rel]["size"]:
-            problems.append(f"{rel}: manifest entry {m!r} differs from the signed statement")
-    if problems:
-        raise VerificationError(f"{label}: manifest does not match its signature: " + "; ".join(problems))
+def check_manifest(manifest: Any, statement: dict[str, Any], label: str, needed: Sequence[str] = (),
+                   adapter: str | None = None) -> Manifest:
+    """Check a manifest.json object (``manifest``, as parsed from JSON) against its verified signed
+    ``statement``; return it typed. Rules: see :func:`_manifest_problems` (the same ones
+    :func:`verify_bundle` applies). One SignatureError (code ``bad_manifest``), prefixed with
+    ``label``, names every problem."""
+    parsed, problems = _manifest_problems(manifest, statement, needed, adapter)
+    if problems or parsed is None:
+        raise SignatureError(f"{label}: manifest does not match its signature: " + "; ".join(problems),
+                             code="bad_manifest")
+    return parsed

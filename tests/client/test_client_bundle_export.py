@@ -26,16 +26,16 @@ def bundle_dir(peft_adapters, tmp_path_factory):
 def test_bundle_layout_and_digests(bundle_dir):
     bundle = Bundle.open(bundle_dir)
     m = bundle.manifest
-    assert m["format"] == "soppu-bundle/1" and m["rank"] == 6 and m["method"] == "full"
-    assert set(m["adapters"]) == {"alpha", "beta", "gamma"}
+    assert m.format == "soppu-bundle/1" and m.rank == 6 and m.method == "full"
+    assert set(m.adapters) == {"alpha", "beta", "gamma"}
     assert sorted(os.listdir(bundle_dir)) == ["basis.safetensors", "cores", "manifest.json", "metrics.json"]
-    assert m["modules"]["model.layers.0.self_attn.v_proj"]["shape"] == [192, 576]
+    assert m.modules["model.layers.0.self_attn.v_proj"] == (192, 576)
     with safe_open(str(bundle_dir / "basis.safetensors"), "pt") as f:
         assert f.get_slice("model.layers.0.self_attn.v_proj.U").get_shape() == [192, 6]
         assert f.get_slice("model.layers.0.self_attn.v_proj.V").get_shape() == [576, 6]
     with safe_open(str(bundle_dir / "cores/beta.safetensors"), "pt") as f:
         assert f.get_slice("model.layers.0.self_attn.q_proj.S").get_shape() == [6, 6]
-    assert m["metrics"]["summary"]["error_definition"].startswith("unsquared relative Frobenius")
+    assert m.metrics.summary["error_definition"].startswith("unsquared relative Frobenius")
 
 
 def test_tampered_bundle_is_detected(bundle_dir, tmp_path):
@@ -133,9 +133,9 @@ def test_auto_dtype_keeps_bf16_inputs_bf16(peft_adapters, tmp_path):
         dirs.append(dst)
     m16 = compress_adapters(dirs, tmp_path / "auto", CompressConfig(rank=4))
     m32 = compress_adapters(dirs, tmp_path / "f32", CompressConfig(rank=4, dtype="float32"))
-    assert m16["dtype"] == "bfloat16" and m32["dtype"] == "float32"
+    assert m16.dtype == "bfloat16" and m32.dtype == "float32"
     assert Bundle.open(tmp_path / "auto").load_basis()["model.layers.0.self_attn.q_proj.U"].dtype == torch.bfloat16
-    assert m32["metrics"]["sizes"]["tensor_bytes"] == 2 * m16["metrics"]["sizes"]["tensor_bytes"]
+    assert m32.metrics.sizes.tensor_bytes == 2 * m16.metrics.sizes.tensor_bytes
     # rounding the bases to bf16 costs little next to the compression error itself
-    e16, e32 = m16["metrics"]["summary"]["mean_error"], m32["metrics"]["summary"]["mean_error"]
+    e16, e32 = m16.metrics.summary["mean_error"], m32.metrics.summary["mean_error"]
     assert e32 > 0.05 and abs(e16 - e32) < 0.01

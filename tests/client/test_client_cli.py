@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
+from tests.conftest_bundles import BASE_MODEL
+from tests.registry.regkit import Registry, Server
+
+from soppu_client.cli import cli
 
 SOPPU = [sys.executable, "-m", "soppu_client.cli"]
+COMMANDS = {"compress", "project", "verify", "inspect", "export", "keygen", "sign", "verify-signature", "upload",
+            "bases", "rotate-key-proof", "generate"}
 
 
-def run(*args, check_rc: int | None = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*SOPPU, *map(str, args)], capture_output=True, text=True, timeout=600)
+def run(*args, check_rc: int | None = 0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*SOPPU, *map(str, args)], capture_output=True, text=True, timeout=600, env=env)
     if check_rc is not None:
         assert proc.returncode == check_rc, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -57,6 +65,9 @@ def test_verify_weights_and_max_error(cli_bundle, peft_adapters, tmp_path):
     run("verify", cli_bundle, "--adapters", *peft_adapters, "--max-error", worst + 1e-3)
     proc = run("verify", cli_bundle, "--adapters", *peft_adapters, "--max-error", worst / 2, check_rc=1)
     assert "exceed --max-error" in proc.stderr
+    proc = run("verify", cli_bundle, "--adapters", *peft_adapters, "--max-error", worst / 2, "--json", check_rc=1)
+    out = json.loads(proc.stdout)  # one object: the report and the error
+    assert out["ok"] is False and out["error"]["code"] == "max_error" and out["failed"] and "adapters" in out["weights"]
 
 
 def test_bad_input_exits_2_with_a_message(tmp_path, peft_adapters):
@@ -66,6 +77,51 @@ def test_bad_input_exits_2_with_a_message(tmp_path, peft_adapters):
     assert not (tmp_path / "b").exists()
     proc = run("inspect", tmp_path, check_rc=2)
     assert proc.stderr.strip() == f"error: {tmp_path} is not a SOPPU bundle: manifest.json is missing"
+    proc = run("inspect", tmp_path, "--json", check_rc=2)  # --json: the error is one JSON object on stdout
+    assert json.loads(proc.stdout) == {"ok": False, "error": {
+        "type": "BundleError", "exit_code": 2, "message": f"{tmp_path} is not a SOPPU bundle: manifest.json is missing"}}
+
+
+def test_every_command_is_registered_with_help() -> None:
+    """The `soppu` group lists every command of the cli modules, and each one's --help works."""
+    top = CliRunner().invoke(cli, ["--help"])
+    assert top.exit_code == 0 and set(cli.commands) == COMMANDS
+    for name in COMMANDS:
+        assert f"  {name} " in top.output, name
+        sub = CliRunner().invoke(cli, [name, "--help"])
+        assert sub.exit_code == 0 and sub.output.startswith(f"Usage: cli {name} "), (name, sub.output)
+        assert "--json" in sub.output, name
+
+
+@pytest.fixture(scope="module")
+def live_registry(tmp_path_factory) -> Registry:
+    tmp = tmp_path_factory.mktemp("registry")
+    server = Server(tmp / "data", "--rate", "0").start()
+    try:
+        yield Registry(server, tmp)
+    finally:
+        server.stop()
+
+
+def test_registry_options_read_soppu_registry_url_and_token(live_registry, tmp_path):
+    """upload / bases take --registry and --token from $SOPPU_REGISTRY_URL / $SOPPU_REGISTRY_TOKEN
+    (the serving side's names); the old $SOPPU_REGISTRY / $SOPPU_TOKEN are not read."""
+    owner = live_registry.new_owner()
+    bundle = owner.bundle(tmp_path / "b", adapters=("alpha",))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SOPPU_REGISTRY", "SOPPU_TOKEN"))}
+    env = {**clean, "SOPPU_REGISTRY_URL": live_registry.url, "SOPPU_REGISTRY_TOKEN": owner.write_token}
+    proc = run("upload", bundle, env=env)
+    assert proc.stdout == f"published {owner.name}/alpha@1 (created)\n"
+    found = json.loads(run("bases", BASE_MODEL, "--json", env={**env, "SOPPU_REGISTRY_TOKEN": owner.read_token}).stdout)
+    assert [f"{u['owner']}/{u['name']}" for b in found["bases"] for u in b["used_by"]] == [f"{owner.name}/alpha"]
+    old = {**clean, "SOPPU_REGISTRY": live_registry.url, "SOPPU_TOKEN": owner.read_token}
+    proc = run("bases", BASE_MODEL, env=old, check_rc=2)
+    assert "Missing option '--registry'" in proc.stderr
+    proc = run("bases", BASE_MODEL, "--registry", live_registry.url, env=old, check_rc=2)
+    assert "Missing option '--token'" in proc.stderr
+    proc = run("project", tmp_path / "new", "--onto-published", f"{owner.name}/alpha", "-o", tmp_path / "p", env=old,
+               check_rc=2)
+    assert proc.stderr == "error: --onto-published needs --registry URL (or $SOPPU_REGISTRY_URL)\n"
 
 
 @pytest.mark.slow

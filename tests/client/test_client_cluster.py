@@ -49,11 +49,11 @@ def test_clusters_recover_groups_and_lower_the_error(tmp_path):
     assert assign_clusters(collection, 2, rank=5, seed=0) == [0, 1, 0, 1, 0, 1]
     one = compress_collection(collection, tmp_path / "c1", CompressConfig(rank=5))
     two = compress_collection(collection, tmp_path / "c2", CompressConfig(rank=5, clusters=2))
-    assert two["clusters"] == 2 and [a["cluster"] for a in two["adapters"].values()] == [0, 1, 0, 1, 0, 1]
-    e1, e2 = one["metrics"]["summary"]["mean_error"], two["metrics"]["summary"]["mean_error"]
+    assert two.clusters == 2 and [a.cluster for a in two.adapters.values()] == [0, 1, 0, 1, 0, 1]
+    e1, e2 = one.metrics.summary["mean_error"], two.metrics.summary["mean_error"]
     assert e1 > 0.3  # one basis of rank 5 cannot hold two 5-dim subspaces
     assert e2 < 1e-4  # each group's subspace fits its own basis
-    assert two["metrics"]["sizes"]["params_basis"] == 2 * one["metrics"]["sizes"]["params_basis"]
+    assert two.metrics.sizes.params_basis == 2 * one.metrics.sizes.params_basis
 
 
 def test_clustered_bundle_verifies_and_exports(tmp_path):
@@ -64,7 +64,7 @@ def test_clustered_bundle_verifies_and_exports(tmp_path):
     assert "model.layers.0.self_attn.q_proj.c1.U" in bundle.load_basis()
     summary, _ = verify_weights(bundle, collection)
     for name, a in summary["adapters"].items():
-        assert abs(a["error"] - manifest["metrics"]["summary"]["adapters"][name]["error"]) < 1e-6
+        assert abs(a["error"] - manifest.metrics.summary["adapters"][name]["error"]) < 1e-6
         assert a["error"] > 0.01
     out = export_peft(bundle, "ad2", tmp_path / "exported-ad2")
     from safetensors import safe_open
@@ -77,7 +77,7 @@ def test_clustered_bundle_verifies_and_exports(tmp_path):
 
 
 def test_projection_joins_the_right_cluster(tmp_path):
-    from soppu_client.compress.projection import project_adapters
+    from soppu_client.compress.pipeline import project_adapters
 
     dirs = _write_group_adapters(tmp_path, groups=(0, 1, 0, 1, 1, 0))
     compress_collection(load_collection(dirs[:4]), tmp_path / "b", CompressConfig(rank=5, clusters=2))
@@ -85,6 +85,6 @@ def test_projection_joins_the_right_cluster(tmp_path):
     group_cluster = {0: base.cluster_of("ad0"), 1: base.cluster_of("ad1")}
     assert group_cluster[0] != group_cluster[1]
     manifest = project_adapters(dirs[4:], tmp_path / "b", tmp_path / "p")
-    assert manifest["adapters"]["ad4"]["cluster"] == group_cluster[1]
-    assert manifest["adapters"]["ad5"]["cluster"] == group_cluster[0]
-    assert manifest["metrics"]["summary"]["max_error"] < 1e-4  # their group's subspace is in the basis
+    assert manifest.adapters["ad4"].cluster == group_cluster[1]
+    assert manifest.adapters["ad5"].cluster == group_cluster[0]
+    assert manifest.metrics.summary["max_error"] < 1e-4  # their group's subspace is in the basis

@@ -12,9 +12,8 @@ from safetensors import safe_open
 
 from soppu_client.format.bundle import Bundle, export_peft
 from soppu_client.compress import CompressConfig
-from soppu_client.compress.pipeline import compress_adapters
+from soppu_client.compress.pipeline import compress_adapters, project_adapters
 from soppu_client.format.errors import InputError
-from soppu_client.compress.projection import project_adapters
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +28,7 @@ def test_projected_cores_are_the_best_for_the_fixed_basis(base_bundle, peft_adap
     out = tmp_path / "proj"
     manifest = project_adapters([peft_adapters[2]], base_bundle, out)
     assert (out / "basis.safetensors").read_bytes() == (base_bundle / "basis.safetensors").read_bytes()
-    assert manifest["files"]["basis.safetensors"] == Bundle.open(base_bundle).manifest["files"]["basis.safetensors"]
+    assert manifest.files["basis.safetensors"] == Bundle.open(base_bundle).manifest.files["basis.safetensors"]
     bundle = Bundle.open(out)
     assert bundle.names == ["gamma"]
     from soppu_client.adapters import load_collection
@@ -42,11 +41,11 @@ def test_projected_cores_are_the_best_for_the_fixed_basis(base_bundle, peft_adap
     dW = B @ A
     np.testing.assert_allclose(S, U.T.astype(np.float64) @ dW @ V.astype(np.float64), rtol=1e-4, atol=1e-7)
     dense = np.linalg.norm(dW - U @ S @ V.T) / np.linalg.norm(dW)
-    reported = manifest["metrics"]["summary"]["adapters"]["gamma"]["mean_module_error"]
+    reported = manifest.metrics.summary["adapters"]["gamma"]["mean_module_error"]
     assert 0 < dense <= 1 and 0 < reported <= 1
     # an adapter the basis was fitted for is served better than the newcomer
-    fitted = Bundle.open(base_bundle).manifest["metrics"]["summary"]["mean_error"]
-    assert manifest["metrics"]["summary"]["mean_error"] > fitted
+    fitted = Bundle.open(base_bundle).manifest.metrics.summary["mean_error"]
+    assert manifest.metrics.summary["mean_error"] > fitted
     assert export_peft(bundle, "gamma", tmp_path / "gamma-peft").is_dir()
 
 

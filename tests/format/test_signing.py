@@ -512,12 +512,11 @@ def test_cli_missing_files_exit_2(tmp_path: Path) -> None:
 
 
 def test_soppu_group_registers_commands() -> None:
-    """Once the lead's `soppu` group exists and registers COMMANDS, they work through it."""
-    cli_mod = pytest.importorskip("soppu_client.cli")
-    group = getattr(cli_mod, "cli", None)
-    if group is None or "verify-signature" not in getattr(group, "commands", {}):
-        pytest.skip("soppu_client.cli does not register the signing commands yet")
-    r = CliRunner().invoke(group, ["verify-signature", "--help"])
+    """The signing commands work through the `soppu` group."""
+    from soppu_client.cli import cli
+
+    assert {"keygen", "sign", "verify-signature"} <= set(cli.commands)
+    r = CliRunner().invoke(cli, ["verify-signature", "--help"])
     assert r.exit_code == 0 and "--public-key" in r.output
 
 
@@ -547,3 +546,57 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
     bad = soppu("verify-signature", str(bundle), "--public-key", f"{key}.pub")
     assert bad.returncode == 1 and bad.stdout == "" and "Traceback" not in bad.stderr
     assert "file `manifest.json` was modified" in bad.stderr
+
+
+# --------------------------------------------------------------------------- error codes, one manifest check
+
+
+def _code(bundle: Path, pub: object, **kw: object) -> str | None:
+    with pytest.raises(SignatureError) as exc:
+        signing.verify_bundle(bundle, pub, **{"now": NOW, **kw})
+    return exc.value.code
+
+
+def test_signature_errors_carry_codes(signed: Path, keys: tuple, tmp_path: Path) -> None:
+    assert _code(signed, keys[1], owner="bob") == "owner_mismatch"
+    assert _code(signed, keys[1], adapter="zeta") == "name_mismatch"
+    assert _code(signed, keys[1], version=4) == "version_mismatch"
+    assert _code(signed, keys[1], now=datetime(2100, 1, 1, tzinfo=timezone.utc)) == "expired"
+    other = Ed25519PrivateKey.generate().public_key()
+    assert _code(signed, other) == "wrong_key"
+    core = signed / "cores" / "a.safetensors"
+    before = core.read_bytes()
+    core.write_bytes(before[:-1] + bytes([before[-1] ^ 1]))
+    assert _code(signed, keys[1]) == "files_mismatch"
+    core.write_bytes(before)
+    unsigned = make_bundle(tmp_path / "unsigned")
+    assert _code(unsigned, keys[1]) == "unsigned"
+    doc = signing.read_signature(signed)
+    month13 = signing.sign_statement({**doc["statement"], "expires_at": "2099-13-01T00:00:00Z"}, keys[0])
+    with pytest.raises(SignatureError) as exc:  # a regex-shaped but impossible time is malformed, not a crash
+        signing.verify_statement(month13, keys[1], now=NOW)
+    assert exc.value.code == "bad_statement" and "expires_at must be an RFC 3339 UTC time" in str(exc.value)
+
+
+def test_manifest_disagreeing_with_a_valid_statement_is_bad_manifest(signed: Path, keys: tuple) -> None:
+    """The owner signs a statement whose base model differs from manifest.json: the signature and
+    every digest verify, the one manifest check does not (same rule for verify_bundle and fetchers)."""
+    doc = signing.read_signature(signed)
+    statement = {**doc["statement"], "base_model": "other/model"}
+    (signed / "signature.json").write_text(json.dumps(signing.sign_statement(statement, keys[0])))
+    with pytest.raises(SignatureError) as exc:
+        signing.verify_bundle(signed, keys[1], now=NOW)
+    assert exc.value.code == "bad_manifest"
+    assert str(exc.value) == (f"bundle {signed} does not match its signed statement:\n"
+                              "  - manifest base_model 'HuggingFaceTB/SmolLM2-135M-Instruct' != statement 'other/model'")
+    manifest = json.loads((signed / "manifest.json").read_text())
+    with pytest.raises(SignatureError) as exc:
+        signing.check_manifest(manifest, statement, "adapter alice/a@3", ["basis.safetensors"], adapter="a")
+    assert exc.value.code == "bad_manifest"
+    assert str(exc.value).startswith("adapter alice/a@3: manifest does not match its signature: manifest base_model")
+    good = signing.check_manifest(manifest, doc["statement"], "x", ["basis.safetensors"], adapter="a")
+    assert good.names == ["a", "b"] and good.files["basis.safetensors"].size > 0
+    manifest["files"]["basis.safetensors"]["size"] += 1
+    with pytest.raises(SignatureError, match=r"`basis.safetensors`: manifest records sha256 \w+ \(\d+ bytes\), "
+                                             r"the statement signs"):
+        signing.check_manifest(manifest, doc["statement"], "x", ["basis.safetensors"])

@@ -1,4 +1,4 @@
-"""Runs under LORAX_PYTHON with a patched ``lorax_server`` (0001-0007), this repo and kernels/ on PYTHONPATH.
+"""Runs under LORAX_PYTHON with a patched ``lorax_server`` (0001-0008), this repo and kernels/ on PYTHONPATH.
 
 Drives LoRAX's own code on SOPPU compressed adapters (local dirs, or ``owner/name`` ids of source
 ``soppu`` with SOPPU_SERVE_FORMAT=compressed): download_adapter_weights (bytes
@@ -26,7 +26,6 @@ from lorax_server.adapters.weights import AdapterBatchData, AdapterBatchMetadata
 from lorax_server.utils.adapter import load_module_map  # noqa: E402
 
 from lorax_adapter_source import compressed as lc  # noqa: E402
-
 from tests.lorax.lorax_cpu_model import build_cpu_model  # noqa: E402
 
 n_layers = int(args["n_layers"])

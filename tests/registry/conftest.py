@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import pytest
 
-
 from tests.registry.regkit import MAX_BLOB, Owner, Registry, Server
 
 

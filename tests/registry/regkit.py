@@ -21,11 +21,10 @@ from typing import Any
 
 import requests
 
+from soppu_client.format import signing
 from soppu_registry.auth import issue_token
 from soppu_registry.storage import Storage
-from soppu_client.format import signing
-
-from tests import conftest_bundles  # tests/ is on sys.path (tests/registry/conftest.py)
+from tests import conftest_bundles
 from tests.conftest_bundles import BASE_MODEL, RANK  # noqa: F401  (BASE_MODEL re-exported for the registry tests)
 
 MAX_BLOB = 1 << 20
@@ -72,7 +71,7 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> Server:
-        log = open(self.data.parent / f"server-{self.port}.log", "ab")
+        log = open(self.data.parent / f"server-{self.port}.log", "ab")  # noqa: SIM115  (the server process writes it)
         self.proc = subprocess.Popen([str(REGISTRY_BIN), "serve", "--data", str(self.data), "--port", str(self.port),
                                       *self.args], stdout=log, stderr=log)
         deadline = time.monotonic() + timeout

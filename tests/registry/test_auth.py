@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -9,13 +11,24 @@ from pathlib import Path
 
 import pytest
 import requests
-from tests.registry.regkit import BASE_MODEL, Owner, Registry, Server, auth, error_code, free_port, new_owner, put_blob, upload_blobs
 
-from soppu_registry.auth import issue_token
-from soppu_registry.storage import Storage
 from soppu_client.format import signing
 from soppu_client.format.errors import RegistryError
 from soppu_client.registry_client import RegistryClient
+from soppu_registry.auth import issue_token
+from soppu_registry.storage import Storage
+from tests.registry.regkit import (
+    BASE_MODEL,
+    Owner,
+    Registry,
+    Server,
+    auth,
+    error_code,
+    free_port,
+    new_owner,
+    put_blob,
+    upload_blobs,
+)
 
 
 def test_each_scope(registry: Registry, owner: Owner) -> None:
@@ -59,7 +72,40 @@ def test_unknown_route_and_bad_version_use_the_error_shape(registry: Registry, o
     assert (r.status_code, error_code(r)) == (404, "not_found")
     r = requests.get(f"{registry.url}/v1/adapters/{owner.name}/alpha/versions/x", headers=auth(owner.read_token))
     assert (r.status_code, error_code(r)) == (400, "bad_request")
-    assert requests.get(f"{registry.url}/openapi.json").json()["info"]["title"] == "SOPPU registry"
+    doc = requests.get(f"{registry.url}/openapi.json").json()
+    assert doc["info"]["title"] == "SOPPU registry"
+    assert doc["components"]["securitySchemes"] == {"token": {
+        "type": "http", "scheme": "bearer", "description": "`soppu_<id>_<secret>` from `soppu-registry issue-token`"}}
+    ops = {(m.upper(), path): op for path, item in doc["paths"].items() for m, op in item.items()}
+    assert sorted(ops) == sorted([("GET", "/healthz"), ("PUT", "/v1/blobs/{digest}"), ("HEAD", "/v1/blobs/{digest}"),
+                                  ("GET", "/v1/blobs/{digest}"), ("PUT", "/v1/adapters/{owner}/{name}/versions/{version}"),
+                                  ("GET", "/v1/adapters/{owner}/{name}"), ("GET", "/v1/adapters/{owner}/{name}/versions"),
+                                  ("GET", "/v1/adapters/{owner}/{name}/versions/{version}"), ("GET", "/v1/keys/{owner}"),
+                                  ("GET", "/v1/bases/{base_model}")])
+    assert [k for k, op in ops.items() if op.get("security") != [{"token": []}]] == [("GET", "/healthz")]
+
+
+def test_path_is_checked_before_the_token_and_the_token_before_the_body(registry: Registry, owner: Owner) -> None:
+    url = registry.url
+    r = requests.head(f"{url}/v1/blobs/sha256:XYZ")  # no token, bad digest: the path answers first
+    assert (r.status_code, r.headers["X-Soppu-Error-Code"]) == (400, "bad_digest")
+    r = requests.get(f"{url}/v1/adapters/bad owner!/alpha")
+    assert (r.status_code, error_code(r)) == (400, "bad_owner")
+    r = requests.get(f"{url}/v1/keys/{owner.name}", headers=auth("soppu_0000000000000000_bogus"))
+    assert (r.status_code, error_code(r), r.json()["error"]["message"]) == (401, "unauthorized", "invalid token")
+    # A caller that may not publish is answered before its body is read: headers only, then the answer.
+    for token, want in ((None, (401, "unauthorized")), (owner.read_token, (403, "forbidden"))):
+        conn = http.client.HTTPConnection("127.0.0.1", registry.server.port, timeout=10)
+        conn.putrequest("PUT", f"/v1/adapters/{owner.name}/alpha/versions/1")
+        for k, v in {**auth(token), "Content-Type": "application/json", "Content-Length": str(16 << 20)}.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert (resp.status, json.loads(resp.read())["error"]["code"]) == want
+        conn.close()
+    r = requests.put(f"{url}/v1/adapters/{owner.name}/alpha/versions/-1", json={}, headers=auth(owner.write_token))
+    assert (r.status_code, error_code(r)) == (400, "bad_request")
+    assert r.json()["error"]["message"] == "version must be a non-negative integer, got -1"
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import sys
 import time
 
 import requests
-from tests.registry.regkit import MAX_BLOB, Owner, Registry, auth, error_code, put_blob
 
 from soppu_client.format import signing
 from soppu_client.registry_client import RegistryClient
+from tests.registry.regkit import MAX_BLOB, Owner, Registry, auth, error_code, put_blob
 
 
 def raw_put(port: int, path: str, headers: dict[str, str], chunks: list[bytes]) -> tuple[int, dict]:

@@ -8,15 +8,22 @@ from pathlib import Path
 
 import requests
 from click.testing import CliRunner
-from tests.registry.regkit import REGISTRY_BIN, Owner, Registry, auth, free_port, make_bundle
 
-from soppu_client.format import signing
 from soppu_client.cli.upload import rotate_key_proof, upload
+from soppu_client.format import signing
+from tests.registry.regkit import (
+    REGISTRY_BIN,
+    Owner,
+    Registry,
+    auth,
+    free_port,
+    make_bundle,
+)
 
 
 def admin(registry: Registry, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(REGISTRY_BIN), args[0], "--data", str(registry.server.data), *args[1:]],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
 
 
 def run_upload(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -34,11 +41,17 @@ def test_admin_flow_upload_rotate_revoke(registry: Registry, tmp_path: Path) -> 
     assert r.returncode == 1 and "use rotate-key" in r.stderr
     r = admin(registry, "issue-token", "--owner", "carol", "--scope", "owner-write", "--json")
     token, token_id = json.loads(r.stdout)["token"], json.loads(r.stdout)["token_id"]
-    assert token not in admin(registry, "list-tokens").stdout  # shown once, stored hashed
+    listed = admin(registry, "list-tokens")  # shown once, stored hashed
+    assert listed.returncode == 0 and token not in listed.stdout
+    assert f"{token_id}  owner carol  scopes owner-write  created " in listed.stdout
+    listed = json.loads(admin(registry, "list-tokens", "--json").stdout)
+    mine = [t for t in listed["tokens"] if t["token_id"] == token_id]
+    assert listed["ok"] is True and token not in json.dumps(listed)
+    assert [(t["owner"], t["scopes"], t["revoked_at"]) for t in mine] == [("carol", "owner-write", None)]
 
     b1 = make_bundle(tmp_path / "b1", ("alpha",))
     signing.sign_bundle(b1, signing.load_private_key(k1), "carol", 1, "2099-01-01T00:00:00Z")
-    code, out, err = run_upload(str(b1), "--registry", registry.url, env={"SOPPU_TOKEN": token})
+    code, out, err = run_upload(str(b1), "--registry", registry.url, env={"SOPPU_REGISTRY_TOKEN": token})
     assert (code, out) == (0, "published carol/alpha@1 (created)\n")
 
     # Rotation: a proof signed by the new key itself is refused; one signed by the old key works.
@@ -89,3 +102,51 @@ def test_upload_cli_never_prints_success_on_failure(registry: Registry, owner: O
     assert code == 1 and out == "" and "HTTP 401" in err
     code, out, err = run_upload(str(fresh), "--registry", registry.url, "--token", owner.read_token)
     assert code == 1 and out == "" and "HTTP 403 forbidden" in err
+
+
+def test_admin_commands_report_json_and_errors_without_tracebacks(registry: Registry, tmp_path: Path) -> None:
+    r = admin(registry, "create-owner", "dave", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"ok": True, "owner": "dave"}
+    r = admin(registry, "create-owner", "dave", "--json")  # a refusal: exit 1, the ApiError as JSON
+    assert r.returncode == 1 and json.loads(r.stdout) == {"ok": False, "error": {
+        "type": "ApiError", "message": "owner 'dave' already exists", "exit_code": 1, "status": 409,
+        "code": "owner_exists"}}
+    r = admin(registry, "create-owner", "bad name!")  # bad input: exit 2, one line on stderr
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == "error: owner name 'bad name!' must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$\n"
+
+    _, pub = signing.generate_keypair(tmp_path / "dave")
+    r = admin(registry, "register-key", "--owner", "dave", "--public-key", str(pub), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"ok": True, "owner": "dave",
+                                                          "key_id": signing.public_key_id(pub)}
+    r = admin(registry, "register-key", "--owner", "nobody", "--public-key", str(pub))
+    assert (r.returncode, r.stderr) == (2, "error: owner 'nobody' does not exist; create it first\n")
+
+    r = admin(registry, "issue-token", "--owner", "dave", "--scope", "owner-read")
+    token = r.stdout.strip()
+    assert r.returncode == 0 and r.stdout == token + "\n" and token.startswith("soppu_")  # alone on stdout
+    token_id = token.split("_")[1]
+    assert requests.get(f"{registry.url}/v1/keys/dave", headers=auth(token)).status_code == 200
+    r = admin(registry, "revoke-token", token_id, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"ok": True, "token_id": token_id}
+    assert requests.get(f"{registry.url}/v1/keys/dave", headers=auth(token)).status_code == 401
+    r = admin(registry, "revoke-token", token_id)
+    assert (r.returncode, r.stderr) == (2, f"error: no active token with id {token_id!r}\n")
+    r = admin(registry, "issue-token", "--scope", "owner-write", "--json")
+    assert r.returncode == 2 and json.loads(r.stdout)["error"]["message"] == "scopes ['owner-write'] need an owner (--owner)"
+
+    r = admin(registry, "gc", "--grace", "soon", "--json")
+    assert r.returncode == 2 and json.loads(r.stdout)["error"] == {
+        "type": "InputError", "message": "--grace 'soon' is not a duration such as 90s, 30m, 24h or 7d", "exit_code": 2}
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    r = subprocess.run([str(REGISTRY_BIN), "create-owner", "--data", str(not_a_dir / "d"), "x"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2 and r.stderr.startswith(f"error: cannot open registry data directory {not_a_dir / 'd'}: ")
+    # One server per data dir: a second `serve` on the shared registry's dir is refused.
+    r = subprocess.run([str(REGISTRY_BIN), "serve", "--data", str(registry.server.data), "--port", str(free_port()),
+                        "--json"], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 1 and json.loads(r.stdout)["error"]["message"] == (
+        f"another `soppu-registry serve` is using {registry.server.data}; stop it or pick another --data")
+    for out in (r.stderr, r.stdout):
+        assert "Traceback" not in out

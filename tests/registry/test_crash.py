@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import requests
-from tests.registry.regkit import Owner, Server, auth, new_owner
 
-from soppu_registry.storage import Storage
 from soppu_client.format import signing
 from soppu_client.format.errors import RegistryError
 from soppu_client.registry_client import RegistryClient
+from soppu_registry.storage import Storage
+from tests.registry.regkit import Owner, Server, auth, new_owner
 
 
 def _writer(url: str, o: Owner, bundles: list[Path], acked: list[tuple[str, int, dict]], stop: threading.Event) -> None:

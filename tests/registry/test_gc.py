@@ -11,15 +11,24 @@ import time
 from pathlib import Path
 
 import requests
-from tests.registry.regkit import REGISTRY_BIN, Server, auth, error_code, new_owner, publish, put_blob, upload_blobs
 
+from soppu_client.format import signing
 from soppu_registry.auth import issue_token
 from soppu_registry.storage import Storage
-from soppu_client.format import signing
+from tests.registry.regkit import (
+    REGISTRY_BIN,
+    Server,
+    auth,
+    error_code,
+    new_owner,
+    publish,
+    put_blob,
+    upload_blobs,
+)
 
 
 def gc(data: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(REGISTRY_BIN), "gc", "--data", str(data), *args], capture_output=True, text=True,
+    return subprocess.run([str(REGISTRY_BIN), "gc", "--data", str(data), *args], capture_output=True, text=True, check=False,
                           timeout=120)
 
 

@@ -11,11 +11,21 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.registry.regkit import BASE_MODEL, Owner, Registry, auth, error_code, make_bundle, publish, put_blob, upload_blobs
 
 from soppu_client.format import signing
 from soppu_client.format.errors import RegistryError
 from soppu_client.registry_client import RegistryClient
+from tests.registry.regkit import (
+    BASE_MODEL,
+    Owner,
+    Registry,
+    auth,
+    error_code,
+    make_bundle,
+    publish,
+    put_blob,
+    upload_blobs,
+)
 
 
 def test_upload_publishes_every_adapter_and_fetch_matches_bytes(registry: Registry, owner: Owner) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from tests.serving import srckit
 
+from soppu_serving.cache import Cache
 from soppu_serving.materialize import forget_resolutions
-from lorax_adapter_source.compressed import load_compressed
+from soppu_client.format.compressed_form import load_compressed
 from lorax_adapter_source.source import SoppuModelSource
 
 
@@ -69,7 +70,30 @@ def test_prune_keeps_latest_and_drops_what_only_old_versions_used(published, sou
     assert again.last_stats.materialized and "cores/pr0.safetensors" in again.last_stats.blobs_downloaded
 
 
+def test_prune_skips_a_version_whose_lock_is_held(published, source_env: Path) -> None:
+    """The source builds and prune removes a version dir under the one ``Cache.version_lock``."""
+    reg = published.registry
+    bundle = srckit.publish_fresh(published, ("lk0",), seed=800)
+    tok = reg.serving_token
+    SoppuModelSource(f"{reg.owner}/lk0", api_token=tok).download_model_assets()
+    reg.publish(bundle, version=2)
+    forget_resolutions()
+    SoppuModelSource(f"{reg.owner}/lk0", api_token=tok).download_model_assets()
+    v1 = source_env / reg.owner / "lk0" / "v1"
+    with Cache(source_env, "peft").version_lock(reg.owner, "lk0", 1, timeout=0):
+        busy = prune(source_env)
+    assert busy["busy"] == 1 and f"{reg.owner}/lk0/v1" not in busy["removed_dirs"] and v1.is_dir()
+    assert f"{reg.owner}/lk0/v1" in prune(source_env)["removed_dirs"] and not v1.exists()
+
+
 def test_prune_bad_cache_dir(tmp_path: Path) -> None:
     proc = subprocess.run([str(srckit.BIN / "soppu-cache"), "prune", "--cache", str(tmp_path / "none")],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "is not a directory" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr == f"error: {tmp_path / 'none'} is not a directory (no soppu cache there; pass --cache DIR)\n"
+    proc = subprocess.run([str(srckit.BIN / "soppu-cache"), "prune", "--cache", str(tmp_path / "none"), "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout) == {"ok": False, "error": {
+        "type": "InputError", "exit_code": 2,
+        "message": f"{tmp_path / 'none'} is not a directory (no soppu cache there; pass --cache DIR)"}}

@@ -167,3 +167,26 @@ def test_signature_naming_an_unregistered_key_is_refused(published, source_env: 
                                              r"'ed25519:0{32}', which is not a registered key of owner 'alice'"):
         SoppuModelSource(f"{reg.owner}/tk0", api_token=reg.serving_token).download_model_assets()
     assert srckit.cache_files(source_env) == []
+
+
+def test_pinned_owner_keys(published, source_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SOPPU_TRUSTED_KEYS: the owner's pinned key verifies; a missing or different one is refused."""
+    import shutil
+
+    reg = published.registry
+    keys = tmp_path / "trusted"
+    keys.mkdir()
+    monkeypatch.setenv("SOPPU_TRUSTED_KEYS", str(keys))
+    with pytest.raises(SignatureError) as e:
+        SoppuModelSource(f"{reg.owner}/ad0", api_token=reg.serving_token).download_model_assets()
+    assert str(e.value) == (f"soppu adapter alice/ad0: no trusted key for owner 'alice' in the pinned keys dir {keys} "
+                            f"({keys / 'alice.pub'} is missing; add the owner's public key there)")
+    srckit.run("soppu", "keygen", "-o", str(tmp_path / "other.key"))
+    shutil.copy(tmp_path / "other.key.pub", keys / "alice.pub")
+    with pytest.raises(SignatureError, match=r"^soppu adapter alice/ad0@1: bad signature: "):
+        SoppuModelSource(f"{reg.owner}/ad0", api_token=reg.serving_token).download_model_assets()
+    assert srckit.cache_files(source_env) == []
+    shutil.copy(f"{reg.key}.pub", keys / "alice.pub")
+    src = SoppuModelSource(f"{reg.owner}/ad0", api_token=reg.serving_token)
+    assert src.download_model_assets()[0].parent == source_env / reg.owner / "ad0" / "v1"
+    assert src.last_stats.materialized

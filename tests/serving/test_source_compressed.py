@@ -2,7 +2,7 @@
 
 The served dir must hold the signed bundle's own tensors (checked with the safetensors library on
 the uploaded bundle), keep one copy of a shared basis on disk, and apply like the PEFT form of the
-same adapter (the reference op of ``lorax_compressed`` against PEFT's LoRA layer)."""
+same adapter (``lorax_adapter_source.compressed.apply_compressed`` against PEFT's LoRA layer)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.serving import srckit
 import torch
 from safetensors.torch import load_file
 
 from lorax_adapter_source import compressed as lc
 from lorax_adapter_source.source import SoppuModelSource, get_soppu_local_dir
+from soppu_client.format import compressed_form as cf
 from soppu_client.format.errors import InputError, VerificationError
+from tests.serving import srckit
 
 
 @pytest.fixture
@@ -38,9 +39,9 @@ def test_compressed_form_serves_the_signed_tensors_and_shares_the_basis(publishe
     assert get_soppu_local_dir(f"{reg.owner}/ad0").resolve() == served.resolve()
     assert not (compressed_env / reg.owner).exists()  # nothing in the PEFT tree
 
-    config = lc.read_compressed_config(served)
+    config = cf.read_compressed_config(served)
     assert config is not None and config["adapter"] == "ad0" and config["rank"] == 8
-    _, basis, cores = lc.load_compressed(served)  # digests in the config checked
+    _, basis, cores = cf.load_compressed(served)  # digests in the config checked
     bundle_basis = load_file(str(published.bundle / "basis.safetensors"))
     bundle_cores = load_file(str(published.bundle / "cores" / "ad0.safetensors"))
     assert set(basis) == set(bundle_basis) and set(cores) == set(bundle_cores)
@@ -55,7 +56,7 @@ def test_compressed_form_serves_the_signed_tensors_and_shares_the_basis(publishe
     src2.download_model_assets()
     assert src2.last_stats.blobs_downloaded == ["cores/ad1.safetensors"]
     served2 = compressed_env / ".compressed" / reg.owner / "ad1" / "v1"
-    config2 = lc.read_compressed_config(served2)
+    config2 = cf.read_compressed_config(served2)
     assert config2["basis"]["sha256"] == config["basis"]["sha256"]
     assert config2["cores"]["sha256"] != config["cores"]["sha256"]
     blob = compressed_env / ".blobs" / "sha256" / config["basis"]["sha256"]
@@ -78,7 +79,7 @@ def test_compressed_form_applies_like_the_peft_form(published, compressed_env: P
                                 form="peft").download_model_assets()[0].parent
     assert peft_dir == compressed_env / reg.owner / "ad2" / "v1"  # both forms side by side
 
-    _, basis, cores = lc.load_compressed(compressed_dir)
+    _, basis, cores = cf.load_compressed(compressed_dir)
     peft = load(str(peft_dir / "adapter_model.safetensors"))
     torch.manual_seed(0)
     x = torch.randn(5, 576)

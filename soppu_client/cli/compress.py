@@ -1,0 +1,124 @@
+"""`soppu compress` (fit a shared basis) and `soppu project` (join an existing basis, no refit)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+from soppu_client.cli.options import ERROR_EPILOG, registry_option, token_option
+from soppu_client.format.errors import InputError
+from soppu_client.format.names import REGISTRY_URL_ENV
+from soppu_client.format.reporting import emit, json_option, progress, reporting
+
+__all__ = ["COMMANDS", "compress", "project"]
+
+
+@click.command(epilog=ERROR_EPILOG)
+@click.argument("adapter_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@click.option("-k", "--rank", default=16, show_default=True, type=int, help="Shared rank k per module.")
+@click.option("--method", type=click.Choice(["full", "diag"]), default="full", show_default=True,
+              help="full: orthonormal bases, k x k cores (JD-Full). diag: free bases, diagonal cores (JD-Diag).")
+@click.option("--weighting", type=click.Choice(["equal", "norm"]), default="equal", show_default=True,
+              help="equal: every adapter's relative error counts the same; norm: larger updates count more.")
+@click.option("--clusters", default=1, show_default=True, type=int,
+              help="Split the adapters into this many groups, each with its own bases (k-subspaces clustering).")
+@click.option("--float64", "float64", is_flag=True, help="Fit in float64 (slower, for ill-conditioned collections).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+              help="Storage dtype of basis and cores; auto keeps the adapters' own (bf16 adapters -> bf16 bundle).")
+@click.option("--tol", default=1e-5, show_default=True, type=float, help="Convergence tolerance (relative objective change).")
+@click.option("--max-iter", default=200, show_default=True, type=int, help="Iteration cap per module.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the randomized initialisation.")
+@click.option("--force", is_flag=True, help="Replace an existing output bundle.")
+@json_option
+def compress(adapter_dirs: tuple[Path, ...], out: Path, rank: int, method: str, weighting: str, clusters: int,
+             float64: bool, dtype: str, tol: float, max_iter: int, seed: int, force: bool, as_json: bool) -> None:
+    """Compress PEFT LoRA ADAPTER_DIRS (same base model and target modules) into a bundle.
+
+    Adapter names in the bundle are the directory names. Every problem with the inputs is
+    reported at once; a failed run leaves no partial bundle.
+    """
+    from soppu_client.compress import CompressConfig
+    from soppu_client.compress.pipeline import compress_adapters
+    from soppu_client.report import sizes_text, weight_table
+
+    with reporting(as_json):
+        config = CompressConfig(rank=rank, method=method, weighting=weighting, float64=float64, seed=seed,
+                                tol=tol, max_iter=max_iter, dtype=dtype, clusters=clusters)
+        manifest = compress_adapters(list(adapter_dirs), out, config, force=force, progress=progress("compressing modules"))
+        metrics, fit = manifest.metrics, manifest.fit
+        text = "\n".join([
+            f"wrote {out}: {len(manifest.adapters)} adapters, {len(manifest.modules)} modules, "
+            f"method {method}, k={rank}, clusters {manifest.clusters}, {fit['seconds']:.1f}s "
+            f"(iterations mean {fit['iterations_mean']:.1f}, max {fit['iterations_max']})",
+            "",
+            weight_table(metrics.summary),
+            "",
+            sizes_text(metrics.sizes),
+            ERROR_EPILOG,
+        ])
+        emit(as_json, {"bundle": str(out), "fit": fit, "metrics": metrics.to_json()}, text)
+
+
+@click.command(epilog=ERROR_EPILOG)
+@click.argument("adapter_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--onto", "onto", type=click.Path(file_okay=False, path_type=Path),
+              help="Existing local bundle whose basis the new adapters join.")
+@click.option("--onto-published", "published", metavar="OWNER/NAME[@V]",
+              help="Or a published adapter whose basis they join (fetched from --registry, signature verified).")
+@registry_option("Registry base URL for --onto-published", required=False)
+@token_option("Token that may read OWNER's adapters", required=False)
+@click.option("--public-key", "public_key", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Pin OWNER's public key (.pub) instead of trusting the key the registry lists.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@click.option("--force", is_flag=True, help="Replace an existing output bundle.")
+@json_option
+def project(adapter_dirs: tuple[Path, ...], onto: Path | None, published: str | None, registry: str | None,
+            token: str | None, public_key: Path | None, out: Path, force: bool, as_json: bool) -> None:
+    """Project new ADAPTER_DIRS onto the basis of an existing bundle (no refit).
+
+    The basis comes from a local bundle (--onto) or from a published adapter (--onto-published
+    owner/name[@version] --registry URL --token T): only that version's manifest and basis are
+    downloaded, after its Ed25519 signature and digests are verified. The output bundle reuses
+    basis.safetensors byte for byte, so a registry or server that has the basis already only
+    receives the new cores.
+    """
+    from soppu_client.compress.pipeline import project_adapters
+    from soppu_client.fetch import fetch_published_basis
+    from soppu_client.format import signing
+    from soppu_client.format.refs import AdapterRef
+    from soppu_client.registry_client import RegistryClient
+    from soppu_client.report import weight_table
+
+    with reporting(as_json), tempfile.TemporaryDirectory(prefix="soppu-basis-") as scratch:
+        if (onto is None) == (published is None):
+            raise InputError("give exactly one of --onto BUNDLE and --onto-published OWNER/NAME[@VERSION]")
+        label = None
+        if published is not None:
+            if not registry:
+                raise InputError(f"--onto-published needs --registry URL (or ${REGISTRY_URL_ENV})")
+            ref = AdapterRef.parse(published, label="--onto-published")
+            pub = signing.load_public_key(public_key) if public_key else None
+            onto, statement = fetch_published_basis(RegistryClient(registry, token), ref, Path(scratch) / "basis",
+                                                    public_key=pub)
+            label = f"{registry.rstrip('/')}/{ref.owner}/{ref.name}@{statement['version']}"
+        manifest = project_adapters(list(adapter_dirs), onto, out, force=force, progress=progress("projecting modules"),
+                                    onto_label=label)
+        metrics, fit = manifest.metrics, manifest.fit
+        sizes = metrics.sizes
+        text = "\n".join([
+            f"wrote {out}: {len(manifest.adapters)} adapters on the basis of {fit['projected_onto']} "
+            f"(basis sha256 {fit['basis_sha256'][:12]}...)",
+            "",
+            weight_table(metrics.summary),
+            "",
+            f"new parameters: {sizes.params_cores:,} (cores only; basis reused) for {sizes.params_before:,} "
+            f"source parameters = {sizes.param_ratio:.1f}x",
+            ERROR_EPILOG,
+        ])
+        emit(as_json, {"bundle": str(out), "fit": fit, "metrics": metrics.to_json()}, text)
+
+
+COMMANDS: list[click.Command] = [compress, project]

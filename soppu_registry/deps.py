@@ -1,0 +1,96 @@
+"""What every route depends on: the server's state, the authenticated caller, checked path values.
+
+Routes declare them as typed parameters, in the order they are checked: path values first (400),
+then ``Caller`` (401 unknown token, 429 rate limit), so a malformed path costs no rate budget.
+
+    Caller       the request's Principal: Bearer token authenticated, per-token rate limit taken
+    BlobHex      ``{digest}`` as ``sha256:<hex>`` -> the hex (400 ``bad_digest``)
+    OwnerPath    ``{owner}`` checked against OWNER_RE (400 ``bad_owner``)
+    AdapterPath  ``{owner}/{name}`` -> AdapterRef (400 ``bad_owner`` / ``bad_name``)
+    State        store, config, rate limiter and safetensors cache of this app
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPBearer
+
+from soppu_client.format.names import ADAPTER_NAME_RE, DIGEST_RE, OWNER_RE
+from soppu_client.format.refs import AdapterRef
+from soppu_registry.auth import Principal, RateLimiter, authenticate
+from soppu_registry.checks import SafetensorsChecker
+from soppu_registry.config import RegistryConfig
+from soppu_registry.errors import ApiError
+from soppu_registry.storage import Storage
+
+
+@dataclass
+class RegistryState:
+    """Per-app state shared by all requests (``app.state.registry``)."""
+
+    config: RegistryConfig
+    store: Storage
+    limiter: RateLimiter
+    safetensors: SafetensorsChecker
+
+    @classmethod
+    def open(cls, config: RegistryConfig) -> RegistryState:
+        return cls(config, Storage(config.data_dir), RateLimiter(config.rate, config.burst), SafetensorsChecker())
+
+
+async def registry_state(request: Request) -> RegistryState:
+    return request.app.state.registry
+
+
+State = Annotated[RegistryState, Depends(registry_state)]
+
+# Documents the scheme in OpenAPI only; `principal` reads the header itself so that a missing and a
+# malformed header get their own messages.
+_bearer = HTTPBearer(auto_error=False, scheme_name="token",
+                     description="`soppu_<id>_<secret>` from `soppu-registry issue-token`")
+
+
+def principal(request: Request, state: State, _: Annotated[object, Depends(_bearer)]) -> Principal:
+    """Bearer token -> Principal (401 ``unauthorized``), then one request off its bucket (429)."""
+    p = authenticate(state.store, request.headers.get("authorization"))
+    state.limiter.check(p.token_id)
+    return p
+
+
+Caller = Annotated[Principal, Depends(principal)]
+
+
+async def blob_hex(digest: str) -> str:
+    m = DIGEST_RE.match(digest)
+    if not m:
+        raise ApiError(400, "bad_digest", f"blob reference {digest!r} must be sha256:<64 lowercase hex>")
+    return m.group(1)
+
+
+BlobHex = Annotated[str, Depends(blob_hex)]
+
+
+def check_owner(owner: str) -> None:
+    if not OWNER_RE.match(owner):
+        raise ApiError(400, "bad_owner", f"owner {owner!r} must match {OWNER_RE.pattern}")
+
+
+async def owner_path(owner: str) -> str:
+    check_owner(owner)
+    return owner
+
+
+OwnerPath = Annotated[str, Depends(owner_path)]
+
+
+async def adapter_path(owner: str, name: str) -> AdapterRef:
+    check_owner(owner)
+    if not ADAPTER_NAME_RE.match(name):
+        raise ApiError(400, "bad_name", f"adapter name {name!r} must match {ADAPTER_NAME_RE.pattern}")
+    return AdapterRef(owner, name)
+
+
+AdapterPath = Annotated[AdapterRef, Depends(adapter_path)]

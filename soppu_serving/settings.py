@@ -1,0 +1,138 @@
+"""Every setting of the serving side, read from ``SOPPU_*`` environment variables in one place.
+
+    SOPPU_REGISTRY_URL      registry base URL, e.g. http://registry:8080 (needed to fetch; unset: a
+                            clear error at the first fetch, so cache-only tools work without it)
+    SOPPU_REGISTRY_TOKEN    token used when a request carries none (e.g. adapters preloaded at start)
+    SOPPU_CACHE_DIR         cache root (default: <HUGGINGFACE_HUB_CACHE>/soppu, LoRAX's cache)
+    SOPPU_TRUSTED_KEYS      dir of pinned owner keys ``<owner>.pub``; unset: trust the key the
+                            registry lists for the owner (its id recomputed from the key bytes)
+    SOPPU_SERVE_FORMAT      ``peft`` (default: a standard LoRA dir, stock LoRAX kernels) or
+                            ``compressed`` (basis + cores, for a LoRAX with patches 0005-0008)
+    SOPPU_REGISTRY_RETRIES  extra attempts per registry request (default 2)
+    SOPPU_REGISTRY_TIMEOUT  seconds per registry request (default 30)
+    SOPPU_RESOLVE_TTL       seconds a version lookup is reused within a process (default 5)
+
+Entry points (the LoRAX source, ``soppu-cache``) build one :class:`Settings` with
+:meth:`Settings.from_env` and pass it down; no other module reads these variables. An unset or
+empty variable means its default. A bad value is an :class:`InputError` naming the variable and
+the value.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from soppu_client.format.errors import InputError
+from soppu_client.format.names import REGISTRY_TOKEN_ENV, REGISTRY_URL_ENV
+from soppu_serving.cache import FORMS
+
+__all__ = ["Settings"]
+
+# field -> environment variable (one name per setting)
+_ENV = {
+    "registry_url": REGISTRY_URL_ENV,  # the same names as the `soppu` CLI's
+    "registry_token": REGISTRY_TOKEN_ENV,
+    "cache_dir": "SOPPU_CACHE_DIR",
+    "trusted_keys": "SOPPU_TRUSTED_KEYS",
+    "serve_format": "SOPPU_SERVE_FORMAT",
+    "registry_retries": "SOPPU_REGISTRY_RETRIES",
+    "registry_timeout": "SOPPU_REGISTRY_TIMEOUT",
+    "resolve_ttl": "SOPPU_RESOLVE_TTL",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The serving side's settings (each documented with its variable above).
+
+    :meth:`from_env` passes each variable's text; ``__post_init__`` converts and validates every
+    field, so a value given in code is checked the same way."""
+
+    registry_url: str | None = None
+    registry_token: str | None = None
+    cache_dir: Path | None = None
+    trusted_keys: Path | None = None
+    serve_format: str = "peft"
+    registry_retries: int = 2
+    registry_timeout: float = 30.0
+    resolve_ttl: float = 5.0
+
+    def __post_init__(self) -> None:
+        url = self.registry_url
+        if url is not None and not str(url).startswith(("http://", "https://")):
+            raise InputError(f"SOPPU_REGISTRY_URL={url!r} must be an http(s) URL, e.g. http://registry:8080")
+        self._set("registry_url", str(url).rstrip("/") if url is not None else None)
+        self._set("cache_dir", Path(self.cache_dir) if self.cache_dir is not None else None)
+        keys = self.trusted_keys
+        if keys is not None and not Path(keys).is_dir():
+            raise InputError(f"SOPPU_TRUSTED_KEYS={str(keys)!r} is not a directory; point it at a dir of pinned "
+                             "owner keys <owner>.pub, or unset it to trust the registry's keys")
+        self._set("trusted_keys", Path(keys) if keys is not None else None)
+        form = str(self.serve_format).strip().lower()
+        if form not in FORMS:
+            raise InputError(f"SOPPU_SERVE_FORMAT={form!r} is not a serving form; use one of {', '.join(FORMS)}")
+        self._set("serve_format", form)
+        retries = _number(self.registry_retries, int)
+        if retries is None or retries < 0:
+            raise InputError(f"SOPPU_REGISTRY_RETRIES={self.registry_retries!r} must be an integer >= 0")
+        self._set("registry_retries", retries)
+        for name, positive in (("registry_timeout", True), ("resolve_ttl", False)):
+            raw = getattr(self, name)
+            value = _number(raw, float)
+            if value is None or value < 0 or (positive and value == 0):
+                raise InputError(f"{_ENV[name]}={raw!r} must be a number of seconds {'> 0' if positive else '>= 0'}")
+            self._set(name, value)
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # frozen: only __post_init__ normalizes
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every ``SOPPU_*`` variable of ``environ`` (default ``os.environ``) once; an unset or
+        empty one keeps its default. Keyword ``overrides`` that are not None (a source's explicit
+        ``cache_dir``, say) win over the environment."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {f.name: env.get(_ENV[f.name], "").strip() for f in fields(cls)}
+        values = {k: v for k, v in values.items() if v}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def require_registry_url(self) -> str:
+        """The registry URL, or an InputError saying how to set it."""
+        if not self.registry_url:
+            raise InputError("SOPPU_REGISTRY_URL is not set: start LoRAX with SOPPU_REGISTRY_URL=http://registry:8080 "
+                             "to serve adapters of source `soppu`")
+        return self.registry_url
+
+    @property
+    def cache_root(self) -> Path:
+        """``cache_dir``, or ``<HUGGINGFACE_HUB_CACHE>/soppu`` (LoRAX's cache) when it is not set."""
+        if self.cache_dir is not None:
+            return self.cache_dir
+        try:
+            from huggingface_hub.constants import HUGGINGFACE_HUB_CACHE
+
+            hub = HUGGINGFACE_HUB_CACHE
+        except ImportError:  # pragma: no cover - huggingface_hub is a LoRAX and transformers dependency
+            hub = os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(
+                os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+        return Path(hub) / "soppu"
+
+
+def _number(value: Any, kind: type) -> int | float | None:
+    """``value`` (a number, or a variable's text) as ``kind``; None when it is not one (or NaN)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = kind(value) if isinstance(value, str) else value
+    except ValueError:
+        return None
+    if kind is int and not isinstance(number, int):
+        return None
+    if not isinstance(number, (int, float)) or number != number:
+        return None
+    return kind(number)
