@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from filelock import FileLock
 
 from soppu_client.format.errors import InputError
+from soppu_client.format.fsutil import staged_dir
+from soppu_client.format.names import MODEL_CACHE_ENV
 
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -21,8 +21,8 @@ _ALIASES = {"smollm2", "smollm2-135m", DEFAULT_BASE_MODEL.lower(), "default"}
 
 
 def cache_root() -> Path:
-    """``$SOPPU_CACHE`` or ``~/.cache/soppu``."""
-    return Path(os.environ.get("SOPPU_CACHE") or Path.home() / ".cache" / "soppu")
+    """``$SOPPU_MODEL_CACHE`` or ``~/.cache/soppu`` (the converted base model lives here)."""
+    return Path(os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "soppu")
 
 
 def is_default_model(spec: str | None) -> bool:
@@ -58,16 +58,12 @@ def ensure_default_model() -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         gguf = _gguf_path()
-        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-        try:
+        with staged_dir(target, force=True) as tmp:  # a crashed earlier conversion left no config.json
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model.config.name_or_path = DEFAULT_BASE_MODEL
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -214,16 +213,12 @@ def _token_line(t: dict[str, Any]) -> str:
     return f"{t['token_id']}  owner {t['owner'] or '-'}  scopes {t['scopes']}  created {t['created_at']}  {state}{label}"
 
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def _seconds(text: str) -> float:
     """``90``, ``90s``, ``30m``, ``24h``, ``7d`` -> seconds."""
-    m = _DURATION.fullmatch(text)
-    if not m:
+    span = signing.parse_duration(text)
+    if span is None:
         raise InputError(f"--grace {text!r} is not a duration such as 90s, 30m, 24h or 7d")
-    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    return span.total_seconds()
 
 
 @main.command("gc")

@@ -33,15 +33,14 @@ from safetensors.torch import load_file, save_file
 from soppu_client.format.bundle import Bundle
 from soppu_client.format.errors import BundleError
 from soppu_client.format.fsutil import file_digest, staged_dir
-from soppu_client.format.names import BASIS
+from soppu_client.format.names import BASIS, COMPRESSED_FORMAT
 
-FORMAT = "soppu-compressed/1"
 PEFT_TYPE = "SOPPU_COMPRESSED"
 CONFIG_FILE = "adapter_config.json"
 BASIS_FILE = "basis.safetensors"
 CORES_FILE = "cores.safetensors"
 
-__all__ = ["BASIS_FILE", "CONFIG_FILE", "CORES_FILE", "FORMAT", "PEFT_TYPE", "CompressedAdapterError",
+__all__ = ["BASIS_FILE", "CONFIG_FILE", "CORES_FILE", "PEFT_TYPE", "CompressedAdapterError",
            "check_compressed_file", "export_compressed", "load_compressed", "read_compressed_config",
            "write_compressed_files"]
 
@@ -78,7 +77,7 @@ def write_compressed_files(bundle: Bundle, name: str, dest: Path) -> dict:
     peft = bundle.manifest.peft
     config = {
         "peft_type": PEFT_TYPE,
-        "format": FORMAT,
+        "format": COMPRESSED_FORMAT,
         "adapter": name,
         "base_model_name_or_path": bundle.manifest.base_model,
         "target_modules": peft.get("target_modules"),
@@ -123,8 +122,8 @@ def read_compressed_config(path: str | Path) -> dict | None:
     missing = [k for k in _REQUIRED if k not in config]
     if missing:
         raise CompressedAdapterError(f"{p}: compressed adapter config lacks {', '.join(missing)}")
-    if config["format"] != FORMAT:
-        raise CompressedAdapterError(f"{p}: format is {config['format']!r}, expected {FORMAT!r}")
+    if config["format"] != COMPRESSED_FORMAT:
+        raise CompressedAdapterError(f"{p}: format is {config['format']!r}, expected {COMPRESSED_FORMAT!r}")
     if config["method"] not in ("full", "diag"):
         raise CompressedAdapterError(f"{p}: method {config['method']!r} is not 'full' or 'diag'")
     config["_dir"] = str(p.parent)

@@ -32,6 +32,8 @@ SIGNATURE = "signature.json"
 METRICS = "metrics.json"
 
 # -- environment ----------------------------------------------------------------------------------
+MODEL_CACHE_ENV = "SOPPU_MODEL_CACHE"
+"""Where the owner's side keeps the converted embedded base model (default ``~/.cache/soppu``)."""
 PASSPHRASE_ENV = "SOPPU_KEY_PASSPHRASE"
 """Passphrase of an encrypted private key (read by the owner's CLI)."""
 REGISTRY_URL_ENV = "SOPPU_REGISTRY_URL"

@@ -54,8 +54,8 @@ __all__ = [
 ]
 
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
-_DURATION = re.compile(r"^(\d+)([smhdwy])$")
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdwy]?)\s*")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 _STATEMENT_KEYS = frozenset({"format", "owner", "adapters", "version", "base_model", "expires_at", "files"})
 _DOC_KEYS = frozenset({"statement", "signature", "key_id", "public_key"})
 
@@ -230,6 +230,13 @@ def _parse_timestamp(text: object) -> datetime | None:
         return None
 
 
+def parse_duration(text: str) -> timedelta | None:
+    """``90`` / ``90s`` / ``30m`` / ``1.5h`` / ``7d`` / ``2w`` / ``1y`` -> a timedelta; None if ``text``
+    is not a duration (the one duration syntax of every SOPPU option)."""
+    m = _DURATION.fullmatch(text)
+    return timedelta(seconds=float(m.group(1)) * _DURATION_UNITS[m.group(2)]) if m else None
+
+
 def parse_expiry(value: str | datetime | timedelta, *, now: datetime | None = None) -> datetime:
     """Turn ``90d`` / ``12h`` / ``2w`` / ``1y`` (from ``now``), a date ``2027-02-21``, an RFC 3339
     time, a timedelta or an aware datetime into an aware UTC datetime in the future."""
@@ -240,9 +247,9 @@ def parse_expiry(value: str | datetime | timedelta, *, now: datetime | None = No
         when = value
     else:
         text = value.strip()
-        m = _DURATION.match(text)
-        if m:
-            when = now + timedelta(seconds=int(m.group(1)) * _DURATION_UNITS[m.group(2)])
+        span = parse_duration(text)
+        if span is not None:
+            when = now + span
         else:
             try:
                 when = datetime.fromisoformat(text)
