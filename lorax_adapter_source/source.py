@@ -10,7 +10,10 @@ by :class:`soppu_serving.settings.Settings` (which lists and documents them all)
 with patches 0005-0008 (each cluster's basis resident once, only cores per adapter).
 
 Every lookup sends the request's token to the registry, so a cached adapter is still only served
-to a caller the registry lets read it. Errors are :class:`~soppu_client.format.errors.SoppuError`
+to a caller the registry lets read it. Every call that names files (``weight_files`` included,
+which LoRAX calls first) re-verifies the signed statement -- key, signature, expiry against the
+clock -- and refuses a rollback of ``latest`` (:func:`soppu_serving.materialize.verified_dir`). A
+source trusting the registry's keys (no ``SOPPU_TRUSTED_KEYS``) logs a warning once per process. Errors are :class:`~soppu_client.format.errors.SoppuError`
 subclasses whose message names the adapter and the fix; LoRAX returns that message to the client.
 
 This module imports nothing from LoRAX at import time.
@@ -26,8 +29,8 @@ from typing import TYPE_CHECKING, Any, List, Optional
 from soppu_client.fetch import VersionRecord
 from soppu_client.format.refs import AdapterRef
 from soppu_serving.cache import LATEST, MARKER, Cache
-from soppu_serving.materialize import FetchStats, materialize, resolve
-from soppu_serving.settings import Settings
+from soppu_serving.materialize import FetchStats, materialize, resolve, verified_dir
+from soppu_serving.settings import Settings, warn_if_unpinned
 
 if TYPE_CHECKING:  # pragma: no cover
     from lorax_server.adapters.config import AdapterConfig
@@ -65,8 +68,9 @@ class SoppuModelSource:
         # The environment, read once; explicit arguments win over it.
         self.settings = Settings.from_env(cache_dir=cache_dir, registry_url=registry, serve_format=form)
         self._api_token = api_token or self.settings.registry_token
+        warn_if_unpinned(self.settings)
         self.cache = Cache(self.settings.cache_root, self.settings.serve_format)
-        self._resolved: VersionRecord | None = None
+        self._version: int | None = None  # the version the first resolution chose; this source stays on it
         self.last_stats: FetchStats | None = None
 
     # -- LoRAX interface ----------------------------------------------------------------------
@@ -144,17 +148,22 @@ class SoppuModelSource:
 
     # -- SOPPU specifics ----------------------------------------------------------------------
     def resolve(self) -> VersionRecord:
-        """The version record for this adapter (checks the token; cached briefly per process)."""
-        if self._resolved is None:
-            self._resolved = resolve(self.ref, self.settings, self.api_token)
-        return self._resolved
+        """The version record for this adapter, asked of the registry with the request's token
+        (reused ``resolve_ttl`` seconds per process). The first call picks the version (the latest
+        for ``owner/name``); later calls look up that version again, so one source serves one
+        version and still sees it withdrawn (404)."""
+        if self._version is None:
+            record = resolve(self.ref, self.settings, self.api_token)
+            self._version = record.version
+            return record
+        return resolve(AdapterRef(self.ref.owner, self.ref.name, self._version), self.settings, self.api_token)
 
     def local_dir(self) -> Path:
-        """The version dir this source serves (resolving ``latest`` through the registry)."""
-        version = self.ref.version if self.ref.version is not None else self.resolve().version
-        if self.ref.version is not None:
-            self.resolve()  # a pinned version still needs a token the registry accepts
-        return self.cache.version_dir(self.ref.owner, self.ref.name, version)
+        """The version dir this source serves, after verifying its statement now (key, signature,
+        expiry, rollback; a complete cached dir must hold what it signs)."""
+        final, _ = verified_dir(self.ref, token=self.api_token, settings=self.settings, cache=self.cache,
+                                record=self.resolve())
+        return final
 
     def _materialize(self) -> Path:
         local, stats = materialize(self.ref, token=self.api_token, settings=self.settings, cache=self.cache,

@@ -6,6 +6,7 @@ reloaded from there in well under a second. Everything runs offline (HF_HUB_OFFL
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -18,6 +19,15 @@ from soppu_client.format.names import MODEL_CACHE_ENV
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _ALIASES = {"smollm2", "smollm2-135m", DEFAULT_BASE_MODEL.lower(), "default"}
+# Bump when the converted dir changes, so dirs converted by older code are rebuilt. 3: the tokenizer
+# config names the generic fast tokenizer, so transformers 4.x and 5.x read tokenizer.json alike.
+_CONVERSION = 3
+# transformers 5 rebuilds a `LlamaTokenizer`'s pre-tokenizer itself (words lose their spaces: issue
+# 11); `PreTrainedTokenizerFast` is taken as tokenizer.json says by 4.x and 5.x (TokenizersBackend).
+# No clean-up of spaces before punctuation: 5.x ignores it for BPE, so 4.x must not do it either.
+# And no token_type_ids (the generic class's default inputs): a llama takes none.
+_TOKENIZER_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                     "model_input_names": ["input_ids", "attention_mask"]}
 
 
 def cache_root() -> Path:
@@ -45,9 +55,10 @@ def _gguf_path() -> Path:
 def ensure_default_model() -> Path:
     """Return the cached HF copy of SmolLM2-135M-Instruct, converting the GGUF once.
 
-    Concurrent callers convert once (file lock); the directory appears atomically (rename).
+    Concurrent callers convert once (file lock); the directory appears atomically (rename). Its
+    tokenizer gives the same ids under transformers 4.57 (this project's venv) and 5.x (vLLM's).
     """
-    target = cache_root() / "models" / "SmolLM2-135M-Instruct"
+    target = cache_root() / "models" / f"SmolLM2-135M-Instruct.v{_CONVERSION}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +75,16 @@ def ensure_default_model() -> Path:
             model.config.name_or_path = DEFAULT_BASE_MODEL
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            _pin_tokenizer_config(tmp / "tokenizer_config.json")
     return target
+
+
+def _pin_tokenizer_config(path: Path) -> None:
+    """Make the saved tokenizer config load as tokenizer.json says, in every transformers version."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.update(_TOKENIZER_CONFIG)
+    config.pop("model_type", None)  # "gpt2" from the GGUF; the model is a llama
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def resolve_base_model(spec: str | None) -> Path:

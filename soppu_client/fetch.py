@@ -6,10 +6,11 @@ steps, each passed before the next one starts:
 
 1. resolve (:func:`resolve_version`): the version record ``GET /v1/adapters/<owner>/<name>[/versions/<v>]``,
    which must be for the owner, name and (pinned) version asked for;
-2. verify (:func:`verify_version`): the owner's key is ``public_key`` when given, else
-   ``<trusted_keys>/<owner>.pub`` when a pinned-keys dir is given, else the registered key the
-   signature names (its id recomputed from the key bytes); ``signing.verify_statement`` checks
-   the Ed25519 signature, expiry, owner, adapter name and version;
+2. verify (:func:`verify_version`): the owner's key (:func:`owner_key`) is ``public_key`` when
+   given, else one of the owner's pinned keys when a pinned-keys dir is given (see
+   :func:`pinned_keys`), else the registered key the signature names (active or rotated; its id
+   recomputed from the key bytes); ``signing.verify_statement`` checks the Ed25519 signature,
+   expiry (against the clock, on every call), owner, adapter name and version;
 3. download: manifest.json and the requested files, streamed with their signed size and sha256
    (constant-time compare) -- or taken from ``reuse`` when the caller already holds a verified
    copy -- and the manifest checked against the statement with ``signing.check_manifest``.
@@ -20,7 +21,10 @@ the download runs under locks named by the signed digests) passes what it alread
 :class:`VerifiedVersion` (step 3).
 
 Registry refusals become :class:`RegistryError` naming the adapter and the step; ``explain``
-replaces that wording (the LoRAX source tells its clients what to send instead).
+replaces that wording (the LoRAX source tells its clients what to send instead). A malformed
+answer is a :class:`RegistryError` (code ``bad_record`` / ``bad_response``) naming the field. The
+client's caps apply to every step: JSON answers at most ``max_json_bytes``, each blob download at
+most its signed size within ``download_deadline`` seconds (:class:`RegistryClient`).
 """
 
 from __future__ import annotations
@@ -38,12 +42,13 @@ from soppu_client.format import signing
 from soppu_client.format.bundle import Bundle
 from soppu_client.format.fsutil import link_or_copy, staged_dir
 from soppu_client.format.names import BASIS, MANIFEST
-from soppu_client.format.errors import BundleError, RegistryError, SignatureError, SoppuError, VerificationError
+from soppu_client.format.errors import (BundleError, InputError, RegistryError, SignatureError, SoppuError,
+                                       VerificationError)
 from soppu_client.format.refs import AdapterRef
 from soppu_client.registry_client import BlobDigestError, RegistryClient
 
-__all__ = ["Fetched", "VerifiedVersion", "VersionRecord", "fetch_published_basis", "fetch_verified",
-           "resolve_version", "verify_version"]
+__all__ = ["Fetched", "VerifiedVersion", "VersionRecord", "fetch_published_basis", "fetch_verified", "owner_key",
+           "pinned_keys", "resolve_version", "verify_version"]
 
 # (the refusal, the step: "resolving the version", "fetching the owner's keys", "downloading <path>")
 # -> the error to raise instead
@@ -120,16 +125,60 @@ def resolve_version(client: RegistryClient, ref: AdapterRef | str, *, subject: s
         record = client.get_version(ref.owner, ref.name, ref.version)
     except RegistryError as e:
         raise _refusal(e, "resolving the version", f"{subject} {ref}", explain) from None
-    try:
-        version, sig = int(record["version"]), record["signature"]
-        if record.get("owner") != ref.owner or record.get("name") != ref.name or not isinstance(sig, dict):
-            raise KeyError("owner/name/signature")
-        if ref.version is not None and version != ref.version:
-            raise KeyError("version")
-    except (KeyError, TypeError, ValueError) as e:
-        raise RegistryError(f"{subject} {ref}: the registry at {client.base_url} answered a malformed version record "
-                            f"({e})", code="bad_record") from None
+    problem = None
+    version, sig = record.get("version"), record.get("signature")
+    if type(version) is not int or version < 1:
+        problem = f"`version` must be an integer >= 1, got {_show(version)}"
+    elif ref.version is not None and version != ref.version:
+        problem = f"`version` must be {ref.version} (the version asked for), got {version}"
+    elif record.get("owner") != ref.owner:
+        problem = f"`owner` must be {ref.owner!r}, got {_show(record.get('owner'))}"
+    elif record.get("name") != ref.name:
+        problem = f"`name` must be {ref.name!r}, got {_show(record.get('name'))}"
+    elif not isinstance(sig, dict):
+        problem = f"`signature` must be a JSON object, got {_show(sig)}"
+    if problem is not None:
+        raise RegistryError(f"{subject} {ref}: the registry at {client.base_url} answered a malformed version record: "
+                            f"{problem}", code="bad_record")
     return VersionRecord(ref, version, sig, record, subject)
+
+
+def _show(value: Any) -> str:
+    """A short description of a field's value for an error message (never the whole value)."""
+    if value is None:
+        return "nothing"
+    text = repr(value)
+    return text if len(text) <= 80 else f"a {type(value).__name__}"
+
+
+def pinned_keys(trusted_keys: str | os.PathLike[str], owner: str) -> dict[str, Path]:
+    """The pinned keys of ``owner`` in the dir ``trusted_keys``: key id -> file.
+
+    Two places, both read: ``<dir>/<owner>.pub`` (one key) and ``<dir>/<owner>/*.pub`` (any number:
+    keep the old and the new key there while an owner rotates). A per-owner dir, not
+    ``<owner>.<x>.pub``: owner names may contain dots, so ``alice.x.pub`` could be owner ``alice.x``'s.
+    A file that is not an Ed25519 public key is a SignatureError naming it.
+    """
+    root = Path(trusted_keys)
+    files = [root / f"{owner}.pub"] + sorted((root / owner).glob("*.pub"))
+    keys: dict[str, Path] = {}
+    for path in files:
+        if not path.is_file():
+            continue
+        try:
+            keys.setdefault(signing.public_key_id(signing.load_public_key(path)), path)
+        except (InputError, SignatureError, OSError, ValueError) as e:
+            raise SignatureError(f"pinned key {path} is not a readable Ed25519 public key ({e}); fix or remove it",
+                                 code="untrusted_key") from None
+    return keys
+
+
+def owner_key(client: RegistryClient, rec: VersionRecord, *, trusted_keys: str | os.PathLike[str] | None = None,
+              explain: Explain | None = None) -> Ed25519PublicKey:
+    """The key ``rec``'s signature must verify with: the pinned key with the id the signature names
+    (SignatureError ``untrusted_key`` when the owner has none pinned or not that one), or without
+    ``trusted_keys`` the registry's registered key of that id (active or rotated)."""
+    return _owner_key(client, rec, None, Path(trusted_keys) if trusted_keys else None, explain)
 
 
 def _owner_key(client: RegistryClient, rec: VersionRecord, public_key: Ed25519PublicKey | None,
@@ -139,17 +188,28 @@ def _owner_key(client: RegistryClient, rec: VersionRecord, public_key: Ed25519Pu
         return public_key
     owner = rec.ref.owner
     if trusted_keys is not None:
-        path = Path(trusted_keys) / f"{owner}.pub"
-        if not path.is_file():
+        try:
+            pinned = pinned_keys(trusted_keys, owner)
+        except SignatureError as e:
+            raise SignatureError(f"{who}: {e}", code=e.code) from None
+        if not pinned:
             raise SignatureError(f"{who}: no trusted key for owner {owner!r} in the pinned keys dir {trusted_keys} "
-                                 f"({path} is missing; add the owner's public key there)")
-        return signing.load_public_key(path)
+                                 f"(neither {Path(trusted_keys) / f'{owner}.pub'} nor "
+                                 f"{Path(trusted_keys) / owner}/*.pub exists; add the owner's public key there)",
+                                 code="untrusted_key")
+        key_id = rec.signature.get("key_id")
+        if key_id not in pinned:
+            raise SignatureError(f"{rec.label}: bad signature: it names key {_show(key_id)}, which is not a pinned key "
+                                 f"of owner {owner!r} (pinned in {trusted_keys}: {', '.join(sorted(pinned))}); if the "
+                                 f"owner rotated to a new key, add its public key as "
+                                 f"{Path(trusted_keys) / owner}/<any name>.pub", code="untrusted_key")
+        return signing.load_public_key(pinned[key_id])
     try:
         return client.registered_key(owner, rec.signature.get("key_id"))
     except RegistryError as e:
         raise _refusal(e, "fetching the owner's keys", who, explain) from None
     except SignatureError as e:
-        raise SignatureError(f"{who}: bad signature: {e}") from None
+        raise SignatureError(f"{who}: bad signature: {e}", code=e.code) from None
 
 
 def verify_version(client: RegistryClient, record: VersionRecord, *, public_key: Ed25519PublicKey | None = None,
@@ -161,7 +221,7 @@ def verify_version(client: RegistryClient, record: VersionRecord, *, public_key:
         statement = signing.verify_statement(record.signature, pub, owner=ref.owner, adapter=ref.name,
                                              version=record.version)
     except SignatureError as e:
-        raise SignatureError(f"{record.label}: bad signature: {e}") from None
+        raise SignatureError(f"{record.label}: bad signature: {e}", code=e.code) from None
     return VerifiedVersion(record, statement)
 
 

@@ -7,12 +7,24 @@ adapter name in the bundle. Publishing is idempotent (identical re-publish answe
 request may be retried: connection errors, 5xx and 429 are retried with exponential backoff
 (429/503 honour Retry-After). Any other refusal raises :class:`RegistryError` carrying the HTTP
 status, the server's error code and message, and the URL.
+
+The registry's answers are not trusted to be small or quick (a hostile or broken registry):
+
+* every JSON answer is streamed and read at most ``max_json_bytes`` (a declared Content-Length
+  above it is refused before any body is read), within ``timeout`` seconds overall, then parsed;
+  bad JSON, too deep JSON and wrong types become :class:`RegistryError` (code ``bad_response``,
+  ``response_too_large`` or ``deadline``) naming the URL and the field;
+* a blob download reads at most its signed size, within ``download_deadline`` seconds overall
+  (cut within one read timeout of the deadline, code ``deadline``);
+* bodies are asked for and accepted only without Content-Encoding (no decompression bombs);
+* error bodies are read at most 64 KiB.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import random
 import sys
 import time
@@ -24,6 +36,7 @@ from typing import Any, BinaryIO
 from urllib.parse import quote
 
 import requests
+import urllib3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from soppu_client.format import signing
@@ -34,6 +47,10 @@ __all__ = ["RegistryClient", "UploadResult", "make_rotation_proof"]
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _CHUNK = 1 << 16
+MAX_JSON_BYTES = 4 << 20  # a version record: a signature document (the registry caps ~1 MiB) and its file list
+DOWNLOAD_DEADLINE = 600.0  # seconds for one blob download, start to last byte
+_ERROR_BODY_BYTES = 64 << 10
+_IDENTITY = {"Accept-Encoding": "identity"}
 
 
 @dataclass
@@ -97,22 +114,39 @@ class BlobDigestError(RegistryError):
         self.served = served
 
 
+def _read_available(raw: Any, n: int) -> bytes:
+    """Up to ``n`` bytes of a streamed body, returning as soon as some arrive (so deadlines are
+    checked between network reads, however slowly the server sends). urllib3 >= 2 has ``read1``;
+    urllib3 1.26 (LoRAX's pin) lacks it, so there the underlying ``http.client`` response's ``read1``
+    is used (bodies are refused unless their Content-Encoding is identity, so nothing is decoded)."""
+    if hasattr(raw, "read1"):
+        return raw.read1(n, decode_content=False)
+    return raw._fp.read1(n)
+
+
 class RegistryClient:
     """Talks to one registry with one token. ``retries`` extra attempts per request.
 
     ``sleep`` is injectable for tests; ``max_wait`` caps any single backoff or Retry-After wait.
+    ``timeout``: seconds to connect, per read, and for the whole of a JSON answer;
+    ``max_json_bytes`` caps a JSON answer; ``download_deadline``: seconds for one blob download.
     """
 
     def __init__(self, base_url: str, token: str | None = None, *, retries: int = 5, backoff: float = 0.5,
                  max_wait: float = 30.0, timeout: float = 120.0, session: requests.Session | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, max_json_bytes: int = MAX_JSON_BYTES,
+                 download_deadline: float = DOWNLOAD_DEADLINE):
         if not base_url.startswith(("http://", "https://")):
             raise InputError(f"`registry` must be an http(s) URL, got {base_url!r}")
         if retries < 0:
             raise InputError(f"`retries` must be >= 0, got {retries}")
         self.base_url = base_url.rstrip("/")
         self.token = token
+        if max_json_bytes < 1 or not download_deadline > 0:
+            raise InputError(f"`max_json_bytes` ({max_json_bytes}) and `download_deadline` ({download_deadline}) "
+                             "must be positive")
         self.retries, self.backoff, self.max_wait, self.timeout = retries, backoff, max_wait, timeout
+        self.max_json_bytes, self.download_deadline = max_json_bytes, download_deadline
         self.session = session or requests.Session()
         self._sleep = sleep
         self.retried = 0  # number of retries performed (for reports and tests)
@@ -129,14 +163,18 @@ class RegistryClient:
 
     def request(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), body: Callable[[], Any] | None = None,
                 json_body: Any = None, headers: dict[str, str] | None = None, stream: bool = False,
-                on_retry: Callable[[], None] | None = None) -> requests.Response:
-        """One API call with retries; ``body`` is a factory so a retried upload re-opens its file."""
+                on_retry: Callable[[], None] | None = None, read_timeout: float | None = None) -> requests.Response:
+        """One API call with retries; ``body`` is a factory so a retried upload re-opens its file.
+
+        ``stream``: the body is left unread (read it with :meth:`read_json` or ``raw.read1``);
+        ``read_timeout`` replaces ``timeout`` for each read (not for connecting)."""
         url = self.base_url + path
+        timeout = self.timeout if read_timeout is None else (self.timeout, read_timeout)
         for attempt in range(self.retries + 1):
             data = body() if body is not None else None
             try:
                 resp = self.session.request(method, url, data=data, json=json_body, headers=self._headers(headers),
-                                            timeout=self.timeout, stream=stream)
+                                            timeout=timeout, stream=stream)
             except (requests.ConnectionError, requests.Timeout) as e:
                 if attempt == self.retries:
                     raise RegistryError(f"{method} {url}: cannot reach the registry after {attempt + 1} attempts: {e}",
@@ -156,19 +194,93 @@ class RegistryClient:
                     on_retry()
                 self._wait(attempt, _retry_after(resp) if resp.status_code in (429, 503) else None)
                 continue
-            raise self._error(method, url, resp)
+            raise self._error(method, url, resp, streamed=stream)
         raise AssertionError("unreachable")
 
-    @staticmethod
-    def _error(method: str, url: str, resp: requests.Response) -> RegistryError:
-        code, message = resp.headers.get("X-Soppu-Error-Code"), resp.text[:500]
+    def _error(self, method: str, url: str, resp: requests.Response, *, streamed: bool) -> RegistryError:
+        """The refusal ``resp`` as a RegistryError (a streamed body is read at most 64 KiB)."""
+        code, message = resp.headers.get("X-Soppu-Error-Code"), ""
         try:
-            err = resp.json()["error"]
+            text = self._read_capped(resp, _ERROR_BODY_BYTES, url, what="error body", cut=True) if streamed \
+                else resp.content[:_ERROR_BODY_BYTES]
+            message = text.decode("utf-8", "replace")[:500]
+            err = json.loads(text)["error"]
             code, message = err.get("code"), err.get("message", message)
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (RegistryError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             pass
+        finally:
+            resp.close()
+        code = code if isinstance(code, str) else None
+        message = message if isinstance(message, str) else repr(message)[:500]
         return RegistryError(f"{method} {url}: HTTP {resp.status_code} {code or resp.reason}: {message or resp.reason}",
                              status=resp.status_code, code=code, url=url)
+
+    # -- bounded reads -------------------------------------------------------------------------
+    def _read_capped(self, resp: requests.Response, cap: int, url: str, *, what: str, cut: bool = False,
+                     deadline: float | None = None) -> bytes:
+        """At most ``cap`` bytes of ``resp``'s body within ``deadline`` seconds (default ``timeout``);
+        RegistryError ``response_too_large`` beyond ``cap`` (``cut``: return the first ``cap``
+        bytes instead), ``deadline`` past the deadline, ``bad_response`` for a Content-Encoding."""
+        seconds = self.timeout if deadline is None else deadline
+        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise RegistryError(f"GET {url}: the registry sent a {what} with Content-Encoding {encoding!r}; "
+                                "only identity is accepted", code="bad_response", url=url)
+        declared = resp.headers.get("Content-Length", "")
+        if not cut and declared.isascii() and declared.isdigit() and int(declared) > cap:
+            raise RegistryError(f"GET {url}: the registry declared a {what} of {int(declared)} bytes, over the cap "
+                                f"of {cap} bytes; refused before reading it", code="response_too_large", url=url)
+        end = time.monotonic() + seconds
+        buf = bytearray()
+        try:
+            while True:
+                if time.monotonic() > end:
+                    raise RegistryError(f"GET {url}: the registry did not send the whole {what} within the deadline "
+                                        f"of {seconds:g} s ({len(buf)} bytes came)", code="deadline", url=url)
+                block = _read_available(resp.raw, min(_CHUNK, cap + 1 - len(buf)))
+                if not block:
+                    return bytes(buf)
+                buf += block
+                if len(buf) > cap:
+                    if cut:
+                        return bytes(buf[:cap])
+                    raise RegistryError(f"GET {url}: the registry sent a {what} of more than {cap} bytes, over the "
+                                        "cap; refused without reading the rest", code="response_too_large", url=url)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError) as e:
+            raise RegistryError(f"GET {url}: the connection broke while reading the {what}: {e}",
+                                url=url) from None
+        finally:
+            if len(buf) > cap or cut:
+                resp.close()
+
+    def read_json(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), json_body: Any = None,
+                  fields: dict[str, type] | None = None) -> tuple[int, dict[str, Any]]:
+        """One API call whose answer is a JSON object, read with the caps above: (status, object).
+        ``fields`` maps each field it must have to its type (RegistryError ``bad_response`` naming
+        the field)."""
+        url = self.base_url + path
+        resp = self.request(method, path, ok=ok, json_body=json_body, stream=True, headers=_IDENTITY)
+        try:
+            text = self._read_capped(resp, self.max_json_bytes, url, what="JSON answer")
+        finally:
+            resp.close()
+        try:
+            doc = json.loads(text)
+        except RecursionError:
+            raise RegistryError(f"{method} {url}: the registry answered JSON nested too deeply", code="bad_response",
+                                url=url) from None
+        except ValueError as e:
+            raise RegistryError(f"{method} {url}: the registry answered invalid JSON ({e})", code="bad_response",
+                                url=url) from None
+        if not isinstance(doc, dict):
+            raise RegistryError(f"{method} {url}: the registry answered a JSON {type(doc).__name__}, not an object",
+                                code="bad_response", url=url)
+        for name, kind in (fields or {}).items():
+            if not isinstance(doc.get(name), kind):
+                got = "nothing" if name not in doc else f"a {type(doc[name]).__name__}"
+                raise RegistryError(f"{method} {url}: the registry's answer has no valid `{name}` (expected a "
+                                    f"{kind.__name__}, got {got})", code="bad_response", url=url)
+        return resp.status_code, doc
 
     # -- blobs -------------------------------------------------------------------------------
     def has_blob(self, sha256: str) -> bool:
@@ -201,19 +313,45 @@ class RegistryClient:
         return data
 
     def download_blob(self, sha256: str, size: int, dest: Path) -> None:
-        """Stream blob ``sha256`` to ``dest``, reading at most ``size`` bytes; RegistryError
-        ``digest_mismatch`` (and ``dest`` removed) unless exactly ``size`` bytes with that sha256 came."""
+        """Stream blob ``sha256`` to ``dest``, reading at most ``size`` bytes within
+        ``download_deadline`` seconds; RegistryError ``digest_mismatch`` (:class:`BlobDigestError`)
+        unless exactly ``size`` bytes with that sha256 came, ``deadline`` when the deadline passed
+        (``dest`` removed on every error)."""
         url_path = f"/v1/blobs/sha256:{quote(sha256)}"
-        resp = self.request("GET", url_path, stream=True)
+        url = self.base_url + url_path
+        seconds = self.download_deadline
+        end = time.monotonic() + seconds
+        # each read waits at most the time left (the overall cut comes within one read of the deadline)
+        resp = self.request("GET", url_path, stream=True, headers=_IDENTITY, read_timeout=min(self.timeout, seconds))
         h, n = hashlib.sha256(), 0
         try:
+            encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise RegistryError(f"GET {url}: the registry sent the blob with Content-Encoding {encoding!r}; only "
+                                    "identity is accepted", code="bad_response", url=url)
             with open(dest, "wb") as f:
-                for block in resp.iter_content(1 << 20):
+                while n <= size:
+                    if time.monotonic() > end:
+                        raise RegistryError(f"GET {url}: the download passed its deadline of {seconds:g} s after "
+                                            f"{n} of {size} bytes; refused", code="deadline", url=url)
+                    try:
+                        block = _read_available(resp.raw, min(1 << 20, size + 1 - n))
+                    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError) as e:
+                        if time.monotonic() > end:
+                            raise RegistryError(f"GET {url}: the download passed its deadline of {seconds:g} s after "
+                                                f"{n} of {size} bytes; refused", code="deadline", url=url) from None
+                        raise RegistryError(f"GET {url}: the connection broke after {n} of {size} bytes: {e}",
+                                            url=url) from None
+                    if not block:
+                        break
                     n += len(block)
                     if n > size:
                         break
                     h.update(block)
                     f.write(block)
+        except BaseException:
+            Path(dest).unlink(missing_ok=True)
+            raise
         finally:
             resp.close()
         if n != size or not hmac.compare_digest(h.hexdigest(), sha256):
@@ -225,33 +363,51 @@ class RegistryClient:
     # -- adapters, keys, bases ---------------------------------------------------------------
     def publish(self, owner: str, name: str, version: int, signature_doc: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """PUT one version; returns (201 created | 200 identical, the version document)."""
-        resp = self.request("PUT", f"/v1/adapters/{quote(owner)}/{quote(name)}/versions/{version}",
-                            ok=(200, 201), json_body={"signature": signature_doc})
-        return resp.status_code, resp.json()
+        return self.read_json("PUT", f"/v1/adapters/{quote(owner)}/{quote(name)}/versions/{version}",
+                              ok=(200, 201), json_body={"signature": signature_doc})
 
     def get_version(self, owner: str, name: str, version: int | None = None) -> dict[str, Any]:
+        """The version record (a JSON object; its fields are checked by ``fetch.resolve_version``)."""
         path = f"/v1/adapters/{quote(owner)}/{quote(name)}" + (f"/versions/{version}" if version is not None else "")
-        return self.request("GET", path).json()
+        return self.read_json("GET", path)[1]
 
     def list_versions(self, owner: str, name: str) -> list[int]:
-        return self.request("GET", f"/v1/adapters/{quote(owner)}/{quote(name)}/versions").json()["versions"]
+        path = f"/v1/adapters/{quote(owner)}/{quote(name)}/versions"
+        versions = self.read_json("GET", path, fields={"versions": list})[1]["versions"]
+        if not all(type(v) is int for v in versions):
+            raise RegistryError(f"GET {self.base_url}{path}: the registry's answer has no valid `versions` (expected "
+                                "a list of integers)", code="bad_response", url=self.base_url + path)
+        return versions
 
     def get_keys(self, owner: str) -> list[dict[str, Any]]:
-        return self.request("GET", f"/v1/keys/{quote(owner)}").json()["keys"]
+        """The owner's keys; RegistryError ``bad_response`` unless a list of objects."""
+        path = f"/v1/keys/{quote(owner)}"
+        keys = self.read_json("GET", path, fields={"keys": list})[1]["keys"]
+        if not all(isinstance(k, dict) for k in keys):
+            raise RegistryError(f"GET {self.base_url}{path}: the registry's answer has no valid `keys` (expected a "
+                                "list of objects)", code="bad_response", url=self.base_url + path)
+        return keys
 
     def registered_key(self, owner: str, key_id: str | None) -> Ed25519PublicKey:
         """The registered public key ``key_id`` of ``owner`` (SignatureError if it is not one of theirs).
 
-        The id is recomputed from the key bytes, so a registry cannot pass off another key under it."""
+        Active and rotated keys both count (the registry refuses new versions signed by a rotated
+        key, so a version signed by one was published before the rotation). The id is recomputed
+        from the key bytes, so a registry cannot pass off another key under it."""
         for k in self.get_keys(owner):
             if k.get("key_id") == key_id and isinstance(k.get("public_key"), str):
-                pub = signing.load_public_key(k["public_key"].encode())
+                try:
+                    pub = signing.load_public_key(k["public_key"].encode())
+                except (SignatureError, InputError, ValueError):
+                    continue  # a malformed entry is no key
                 if signing.public_key_id(pub) == key_id:
                     return pub
-        raise SignatureError(f"the signature names key {key_id!r}, which is not a registered key of owner {owner!r}")
+        raise SignatureError(f"the signature names key {key_id!r}, which is not a registered key of owner {owner!r}",
+                             code="unknown_key")
 
     def get_bases(self, base_model: str) -> list[dict[str, Any]]:
-        return self.request("GET", f"/v1/bases/{quote(base_model, safe='/')}").json()["bases"]
+        path = f"/v1/bases/{quote(base_model, safe='/')}"
+        return self.read_json("GET", path, fields={"bases": list})[1]["bases"]
 
     # -- the upload flow ---------------------------------------------------------------------
     def upload_bundle(self, bundle_dir: Path, *, verify_local: bool = True, progress: bool = False) -> UploadResult:

@@ -9,8 +9,14 @@ Scopes (a token holds one or more):
     owner-read     read that owner's adapters and the blobs they reference
     serving-read   read every adapter and blob (LoRAX deployments); not bound to an owner
 
-Blob reads: a blob is readable by a token that can read at least one published version listing
-it (serving-read: any blob). HEAD is allowed to any valid token (the client skips what exists).
+Blob reads (HEAD and GET): a blob is readable by any token of an owner of the blob (it uploaded
+the bytes or proved possession by re-sending them) and by a token that can read a published
+version listing it (owner-read/-write of that version's owner, serving-read). Everyone else gets
+the 404 an absent blob gets, so a digest alone tells nothing.
+
+Failed authentications are limited per client address (``FailureLimiter``), checked before the
+token is looked at: a throttled address gets 429 for right and wrong tokens alike, so guessing
+stays slow; successful requests spend nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ def issue_token(store: Storage, owner: str | None, scopes: list[str], label: str
     if bad or not scopes:
         raise ApiError(400, "bad_scope", f"`scope` must be one or more of {list(SCOPES)}, got {scopes!r}")
     owner_scoped = [s for s in scopes if s != SERVING_READ]
+    if owner_scoped and SERVING_READ in scopes:  # its HEADs would see blobs its owner cannot publish
+        raise ApiError(400, "bad_scope", f"serving-read cannot be combined with {owner_scoped}; issue two tokens")
     if owner_scoped and owner is None:
         raise ApiError(400, "bad_scope", f"scopes {owner_scoped} need an owner (--owner)")
     if not owner_scoped and owner is not None:
@@ -75,9 +83,11 @@ class Principal:
             return True
         return self.owner == owner and bool({OWNER_READ, OWNER_WRITE} & self.scopes)
 
-    @property
-    def can_read_any_blob(self) -> bool:
-        return SERVING_READ in self.scopes
+    def can_read_blob(self, owners: set[str], listed_by: set[str]) -> bool:
+        """May read a blob owned by ``owners`` and listed by published versions of ``listed_by``."""
+        if self.owner is not None and self.owner in owners:
+            return True
+        return any(self.can_read(o) for o in listed_by)
 
 
 def authenticate(store: Storage, authorization: str | None) -> Principal:
@@ -98,6 +108,59 @@ def authenticate(store: Storage, authorization: str | None) -> Principal:
     if row["revoked_at"] is not None:
         raise ApiError(401, "unauthorized", f"token {row['token_id']} was revoked")
     return Principal(row["token_id"], row["owner"], frozenset(row["scopes"].split(",")))
+
+
+class AuthThrottled(RateLimited):
+    """429 for an address past its failed-authentication budget."""
+
+    def __init__(self, retry_after: int, address: str):
+        super().__init__(retry_after)
+        self.message = (f"too many failed authentications from {address}; retry after {self.retry_after} s "
+                        "(--max-auth-failures)")
+        self.args = (self.message,)
+
+
+class FailureLimiter:
+    """Failed authentications per client address: a bucket of ``per_minute`` refilled at
+    ``per_minute``/60 per second; ``per_minute`` <= 0 disables.
+
+    ``check`` runs before authenticating and raises ``AuthThrottled`` while the address's bucket is
+    empty; ``failed`` spends one. Full buckets are forgotten, so memory follows the addresses that
+    failed recently (at most ``MAX_ADDRESSES``; past that the table is cleared).
+    """
+
+    MAX_ADDRESSES = 100_000
+
+    def __init__(self, per_minute: int):
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def _level(self, address: str, now: float) -> float:
+        tokens, last = self._buckets.get(address, (self.capacity, now))
+        return min(self.capacity, tokens + (now - last) * self.rate)
+
+    def check(self, address: str) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            tokens = self._level(address, now)
+        if tokens < 1.0:
+            raise AuthThrottled(math.ceil((1.0 - tokens) / self.rate), address)
+
+    def failed(self, address: str) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if len(self._buckets) >= self.MAX_ADDRESSES:
+                self._buckets = {a: (t, last) for a, (t, last) in self._buckets.items()
+                                 if self._level(a, now) < self.capacity}
+                if len(self._buckets) >= self.MAX_ADDRESSES:  # memory stays bounded under a wide attack
+                    self._buckets.clear()
+            self._buckets[address] = (max(0.0, self._level(address, now) - 1.0), now)
 
 
 class RateLimiter:

@@ -2,15 +2,15 @@
 
 Order: request shape -> key (registered, this owner's, active) -> ``signing.verify_statement``
 (signature, statement schema incl. safe file paths, expiry, owner/name/version vs the URL) ->
-every listed blob stored with its size -> ``signing.check_manifest`` (the manifest.json blob
-against the statement) -> every safetensors blob passes ``validate_safetensors`` with the tensors
-``Manifest.expected_tensors`` names. The rules live in ``soppu_client.format``; this module only
+every listed blob stored, owned by the publisher, with its size -> ``signing.check_manifest``
+(the manifest.json blob against the statement) -> the rank cap -> every safetensors blob
+(header bounded by the tensors the manifest implies) passes
+``validate_safetensors`` with the tensors ``Manifest.expected_tensors`` names. The rules live in ``soppu_client.format``; this module only
 maps their failures (``SignatureError.code``) onto the API's HTTP statuses and error codes.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any
 
@@ -20,6 +20,7 @@ from soppu_client.format.errors import SafetensorsFormatError, SignatureError
 from soppu_client.format.names import MANIFEST
 from soppu_client.format.safetensors_check import validate_safetensors
 
+from soppu_registry.bodies import loads_bounded
 from soppu_registry.errors import ApiError
 from soppu_registry.storage import Storage
 
@@ -63,11 +64,14 @@ def check_signature(store: Storage, doc: Any, owner: str, name: str, version: in
         raise _refusal(e, doc["statement"], key_id) from None
 
 
-def check_blobs(store: Storage, files: list[dict[str, Any]]) -> None:
-    """Every listed blob is stored with the listed size (all problems in one error)."""
+def check_blobs(store: Storage, files: list[dict[str, Any]], owner: str) -> None:
+    """Every listed blob is stored, owned by ``owner`` (uploaded by it, or the same bytes re-sent),
+    and has the listed size (all problems in one error). A blob ``owner`` does not own is reported
+    exactly as an absent one, without its size: the error describes only the caller's own blobs,
+    and nothing another owner stored is read before this check passes."""
     problems = []
     for f in files:
-        size = store.blob_size(f["sha256"])
+        size = store.blob_size(f["sha256"]) if store.owns_blob(owner, f["sha256"]) else None
         if size is None:
             problems.append(("missing_blob", f"{f['path']} (sha256:{f['sha256']}) was not uploaded"))
         elif size != f["size"]:
@@ -76,17 +80,40 @@ def check_blobs(store: Storage, files: list[dict[str, Any]]) -> None:
         raise _bad(problems[0][0], "; ".join(m for _, m in problems))
 
 
+MAX_MANIFEST_BYTES = 16 << 20
+"""Largest manifest.json a publish parses (a real one with metrics is well under 1 MiB per 100 adapters)."""
+HEADER_BYTES_BASE = 64 << 10
+"""Safetensors header bytes allowed besides the tensors' entries (``__metadata__``, padding)."""
+HEADER_BYTES_PER_TENSOR = 256
+"""Header bytes allowed per tensor the manifest implies, plus 6 per character of its name (JSON
+escapes): ``{"dtype":"BF16","shape":[d,k],"data_offsets":[a,b]}`` with 19-digit numbers is ~110."""
+
+
 def check_manifest(store: Storage, st: dict[str, Any], files: list[dict[str, Any]], name: str) -> Manifest:
-    """The manifest.json blob agrees with the statement (``signing.check_manifest``); 400 ``bad_manifest``."""
+    """The manifest.json blob agrees with the statement (``signing.check_manifest``); 400 ``bad_manifest``.
+    Its size (MAX_MANIFEST_BYTES) and JSON depth are bounded before it is parsed."""
     entry = next(f for f in files if f["path"] == MANIFEST)  # verify_statement requires it
-    try:
-        data = json.loads(store.read_blob(entry["sha256"]))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _bad("bad_manifest", f"{MANIFEST} is not valid JSON: {e}") from None
+    if entry["size"] > MAX_MANIFEST_BYTES:
+        raise _bad("bad_manifest", f"{MANIFEST} is {entry['size']} bytes, over the limit of {MAX_MANIFEST_BYTES}")
+    data = loads_bounded(store.read_blob(entry["sha256"]), MANIFEST, code="bad_manifest")
     try:
         return signing.check_manifest(data, st, MANIFEST, adapter=name)
     except SignatureError as e:
         raise _bad("bad_manifest", str(e)) from None
+
+
+def check_rank(m: Manifest, max_rank: int) -> None:
+    """The registry's own cap on the basis rank (``max_rank``, `--max-rank`); 400 ``bad_manifest``.
+    The structural rules (k <= min(d_out, d_in), dtypes, clusters, core paths) are Manifest.from_json's."""
+    if m.rank > max_rank:
+        raise _bad("bad_manifest", f"{MANIFEST}: `rank` {m.rank} exceeds this registry's limit of {max_rank} "
+                                   "(--max-rank); compress with a smaller --rank")
+
+
+def header_cap(expected: dict[str, Any] | None) -> int:
+    """Most safetensors header bytes a file may have, from the tensors the manifest implies for it
+    (none: HEADER_BYTES_BASE), so a header stuffed with extra entries is refused before parsing."""
+    return HEADER_BYTES_BASE + sum(HEADER_BYTES_PER_TENSOR + 6 * len(t) for t in expected or ())
 
 
 class SafetensorsChecker:
@@ -106,7 +133,8 @@ class SafetensorsChecker:
                 if key in self._ok:
                     continue
             try:
-                validate_safetensors(store.blob_path(f["sha256"]), expected=exp, name=f["path"])
+                validate_safetensors(store.blob_path(f["sha256"]), expected=exp, name=f["path"],
+                                     max_header_bytes=header_cap(exp))
             except SafetensorsFormatError as e:
                 raise _bad("bad_safetensors", str(e)) from None
             with self._lock:

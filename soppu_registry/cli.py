@@ -1,7 +1,9 @@
 """`soppu-registry`: run the registry and administer its data dir.
 
     soppu-registry serve --data DIR [--host 127.0.0.1] [--port 8080] [--max-blob-bytes N]
-                         [--rate R] [--burst B]
+                         [--rate R] [--burst B] [--max-auth-failures N] [--max-unpublished-bytes N]
+                         [--max-publish-bytes N] [--max-rank K] [--header-timeout S]
+                         [--body-idle-timeout S] [--max-connections N]
     soppu-registry create-owner --data DIR OWNER
     soppu-registry register-key --data DIR --owner OWNER --public-key PUB
     soppu-registry rotate-key --data DIR --owner OWNER --new-public-key PUB --proof FILE
@@ -69,14 +71,33 @@ def main() -> None:
               help="Per-token refill rate, requests/s (0 disables rate limiting).")
 @click.option("--burst", default=1000.0, show_default=True, type=click.FloatRange(min=1),
               help="Per-token bucket capacity.")
+@click.option("--max-auth-failures", default=20, show_default=True, type=click.IntRange(min=0),
+              help="Failed authentications per client address per minute, checked before the token "
+                   "(429 past it; 0 disables).")
+@click.option("--max-unpublished-bytes", default=1 << 30, show_default=True, type=click.IntRange(min=0),
+              help="Per-owner quota on uploaded blob bytes no published version of the owner lists "
+                   "(413 quota_exceeded; 0 disables).")
+@click.option("--max-publish-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1),
+              help="Largest publish body (the signature document); 413 from Content-Length or while reading.")
+@click.option("--max-rank", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Largest basis rank k a published bundle may have (400 bad_manifest).")
+@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a connection may take to send its request headers; then it is closed.")
+@click.option("--body-idle-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds an upload may go without a body chunk: 408 body_timeout, partial upload removed.")
+@click.option("--max-connections", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Open connections; past it a new one displaces the oldest still waiting for its headers, "
+                   "else gets 503. Needs this + 2 x min(this, 128) + 64 open files (`ulimit -n`).")
 @click.option("--log-level", default="warning", show_default=True)
 @json_option
-def serve(data_dir: Path, host: str, port: int, max_blob_bytes: int, rate: float, burst: float, log_level: str,
-          as_json: bool) -> None:
-    """Serve the registry API over HTTP (one process per data dir)."""
-    import uvicorn
+def serve(data_dir: Path, host: str, port: int, max_blob_bytes: int, rate: float, burst: float,
+          max_auth_failures: int, max_unpublished_bytes: int, log_level: str, as_json: bool,
+          **limits: Any) -> None:
+    """Serve the registry API over HTTP (one process per data dir). ``limits``: the connection,
+    time, body and rank limits, passed to RegistryConfig under the same names."""
     from filelock import FileLock, Timeout
 
+    from soppu_registry import server
     from soppu_registry.app import create_app
     from soppu_registry.config import RegistryConfig
 
@@ -90,13 +111,16 @@ def serve(data_dir: Path, host: str, port: int, max_blob_bytes: int, rate: float
         removed = store.cleanup_tmp()
         if removed:
             click.echo(f"removed {removed} partial upload(s) left in {store.tmp_dir}", err=True)
-        app = create_app(RegistryConfig(data_dir, max_blob_bytes=max_blob_bytes, rate=rate, burst=burst))
+        app = create_app(RegistryConfig(data_dir, max_blob_bytes=max_blob_bytes, rate=rate, burst=burst,
+                                        max_auth_failures=max_auth_failures,
+                                        max_unpublished_bytes=max_unpublished_bytes, **limits))
+        server.check_open_files(app.state.registry.config.max_connections)
         url = f"http://{host}:{port}"
         if as_json:
             emit(True, {"data_dir": data_dir, "url": url, "removed_partial_uploads": removed}, "")
         else:
             click.echo(f"soppu-registry serving {data_dir} on {url}", err=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level in ("debug", "info"))
+    server.run(app, app.state.registry.config, host, port, log_level)
 
 
 @main.command("create-owner")

@@ -1,13 +1,15 @@
 """What every route depends on: the server's state, the authenticated caller, checked path values.
 
 Routes declare them as typed parameters, in the order they are checked: path values first (400),
-then ``Caller`` (401 unknown token, 429 rate limit), so a malformed path costs no rate budget.
+then ``Caller`` (429 address past its failed-authentication budget, 401 unknown token, 429
+per-token rate limit), so a malformed path costs no rate budget.
 
-    Caller       the request's Principal: Bearer token authenticated, per-token rate limit taken
+    Caller       the request's Principal: address not throttled, Bearer token authenticated (a 401
+                 spends one of the address's failures), per-token rate limit taken
     BlobHex      ``{digest}`` as ``sha256:<hex>`` -> the hex (400 ``bad_digest``)
     OwnerPath    ``{owner}`` checked against OWNER_RE (400 ``bad_owner``)
     AdapterPath  ``{owner}/{name}`` -> AdapterRef (400 ``bad_owner`` / ``bad_name``)
-    State        store, config, rate limiter and safetensors cache of this app
+    State        store, config, rate limiters and safetensors cache of this app
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from fastapi.security import HTTPBearer
 
 from soppu_client.format.names import ADAPTER_NAME_RE, DIGEST_RE, OWNER_RE
 from soppu_client.format.refs import AdapterRef
-from soppu_registry.auth import Principal, RateLimiter, authenticate
+from soppu_registry.auth import FailureLimiter, Principal, RateLimiter, authenticate
 from soppu_registry.checks import SafetensorsChecker
 from soppu_registry.config import RegistryConfig
 from soppu_registry.errors import ApiError
@@ -35,10 +37,17 @@ class RegistryState:
     store: Storage
     limiter: RateLimiter
     safetensors: SafetensorsChecker
+    auth_failures: FailureLimiter
 
     @classmethod
     def open(cls, config: RegistryConfig) -> RegistryState:
-        return cls(config, Storage(config.data_dir), RateLimiter(config.rate, config.burst), SafetensorsChecker())
+        return cls(config, Storage(config.data_dir), RateLimiter(config.rate, config.burst), SafetensorsChecker(),
+                   FailureLimiter(config.max_auth_failures))
+
+    @property
+    def quota(self) -> int | None:
+        """The per-owner unpublished-bytes quota; None when disabled."""
+        return self.config.max_unpublished_bytes or None
 
 
 async def registry_state(request: Request) -> RegistryState:
@@ -54,8 +63,15 @@ _bearer = HTTPBearer(auto_error=False, scheme_name="token",
 
 
 def principal(request: Request, state: State, _: Annotated[object, Depends(_bearer)]) -> Principal:
-    """Bearer token -> Principal (401 ``unauthorized``), then one request off its bucket (429)."""
-    p = authenticate(state.store, request.headers.get("authorization"))
+    """Client address not throttled (429), Bearer token -> Principal (401 ``unauthorized``, which
+    spends one of the address's failures), then one request off the token's bucket (429)."""
+    address = request.client.host if request.client else "unknown"
+    state.auth_failures.check(address)
+    try:
+        p = authenticate(state.store, request.headers.get("authorization"))
+    except ApiError:
+        state.auth_failures.failed(address)
+        raise
     state.limiter.check(p.token_id)
     return p
 

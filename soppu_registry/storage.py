@@ -6,11 +6,20 @@ Layout of a data dir::
     <data>/blobs/sha256/ab/<hex>     immutable blobs, named by their sha256
     <data>/tmp/                      partial uploads; emptied when a server starts
 
+Blob ownership (``blob_owners``): an owner owns the blobs it uploaded. A PUT by an owner-write
+token adds its owner; re-sending bytes that are already stored proves possession and adds the
+owner too (the stored file is not rewritten). Publishing needs ownership of every listed blob, and
+blob reads are limited to owners and readers of a published version listing the blob, so knowing a
+digest gives nothing. An owner's *unpublished bytes* (blobs it owns that none of its own published
+versions lists) are bounded by a quota, checked again at commit under the write lock.
+
 Blobs no published version lists (uploads never published, e.g. an abandoned upload) are removed
-by ``soppu-registry gc`` once untouched for a grace period; a HEAD or PUT of a blob makes it fresh
-again, so a client between "the registry has it" and "publish" keeps it. Deleting a blob happens
-inside a write transaction, serialized with ``publish`` (which re-checks its blobs inside its own):
-a version never lists a blob that is gone.
+by ``soppu-registry gc`` once untouched for a grace period; an owner's HEAD or PUT of a blob makes
+it fresh again, so a client between "the registry has it" and "publish" keeps it. gc also drops an
+owner's stale claim (untouched for the grace period, listed by none of its versions) on a blob
+other owners keep, which frees that owner's quota. Deleting a blob happens inside a write
+transaction, serialized with ``publish`` (which re-checks its blobs and their ownership inside its
+own): a version never lists a blob that is gone, and a removed blob has no owners left.
 
 Every blob write is temp file + fsync + rename + fsync(dir); every metadata write is one SQLite
 transaction (``synchronous=FULL``), so a crash at any point leaves either the old state or the new.
@@ -82,7 +91,18 @@ CREATE TABLE IF NOT EXISTS version_files (
     PRIMARY KEY (owner, name, version, path)
 );
 CREATE INDEX IF NOT EXISTS version_files_sha ON version_files(sha256);
+CREATE TABLE IF NOT EXISTS blob_owners (
+    sha256 TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    touched_at REAL NOT NULL,            -- unix time of this owner's last PUT or HEAD of the blob
+    PRIMARY KEY (sha256, owner)
+);
+CREATE INDEX IF NOT EXISTS blob_owners_owner ON blob_owners(owner);
 """
+
+# PRAGMA user_version of a data dir whose schema is current; `Storage._migrate` brings older ones up.
+SCHEMA_VERSION = 1
 
 
 def utcnow() -> str:
@@ -97,6 +117,29 @@ def files_digest(files: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
+def _owns(db: sqlite3.Connection, owner: str, hex_digest: str) -> bool:
+    return db.execute("SELECT 1 FROM blob_owners WHERE sha256=? AND owner=?", (hex_digest, owner)).fetchone() is not None
+
+
+def unpublished_bytes(db: sqlite3.Connection, owner: str, *, exclude: str | None = None) -> int:
+    """Bytes of the blobs ``owner`` owns that none of its published versions lists (``exclude``: one
+    digest left out, the blob being stored)."""
+    row = db.execute(
+        "SELECT COALESCE(SUM(bo.size), 0) FROM blob_owners bo WHERE bo.owner = ? AND bo.sha256 != ? "
+        "AND NOT EXISTS (SELECT 1 FROM version_files vf WHERE vf.owner = bo.owner AND vf.sha256 = bo.sha256)",
+        (owner, exclude or "")).fetchone()
+    return int(row[0])
+
+
+def quota_error(owner: str, quota: int, used: int, hex_digest: str, size: int) -> ApiError:
+    """413 ``quota_exceeded``: names the quota, the usage and the fix."""
+    return ApiError(413, "quota_exceeded",
+                    f"owner {owner!r} has {used} bytes of unpublished blobs; storing sha256:{hex_digest} "
+                    f"({size} bytes) would exceed the quota of {quota} bytes (--max-unpublished-bytes). "
+                    "Publish versions listing the uploaded blobs, or wait for `soppu-registry gc` to remove "
+                    "uploads left unpublished past its grace period")
+
+
 @dataclass(frozen=True)
 class BlobWriteResult:
     digest: str
@@ -107,17 +150,22 @@ class BlobWriteResult:
 class BlobWriter:
     """Streams one upload into a temp file, hashing and counting as it goes.
 
-    ``write`` enforces ``max_bytes`` and ``expected_size`` on every chunk (raising before the
-    bytes hit the disk); ``commit`` checks digest and size, then fsyncs and renames into place
-    (``_stage_then_rename``: the only place a blob is created).
+    ``write`` enforces ``max_bytes``, ``expected_size`` and the owner's quota room on every chunk
+    (raising before the bytes hit the disk); ``commit`` checks digest and size, fsyncs, then in one
+    write transaction re-checks the quota, renames into place (``_stage_then_rename``: the only
+    place a blob is created) and records ``owner`` as an owner of the blob.
     ``abort`` (also called on any failure) removes the temp file.
     """
 
-    def __init__(self, store: Storage, hex_digest: str, expected_size: int | None, max_bytes: int):
+    def __init__(self, store: Storage, hex_digest: str, expected_size: int | None, max_bytes: int,
+                 owner: str, quota: int | None = None, room: int | None = None):
         self.store = store
         self.hex = hex_digest
         self.expected_size = expected_size
         self.max_bytes = max_bytes
+        self.owner = owner
+        self.quota = quota
+        self.room = room
         self.size = 0
         self._h = hashlib.sha256()
         self.tmp = store.tmp_dir / f"{hex_digest[:16]}.{uuid.uuid4().hex}.part"
@@ -131,37 +179,53 @@ class BlobWriter:
         if self.expected_size is not None and self.size > self.expected_size:
             self.abort()
             raise ApiError(400, "size_mismatch", f"blob sha256:{self.hex}: body is longer than the declared {self.expected_size} bytes")
+        if self.quota is not None and self.room is not None and self.size > self.room:
+            self.abort()
+            raise quota_error(self.owner, self.quota, self.quota - self.room, self.hex, self.size)
         self._h.update(chunk)
         assert self._f is not None
         self._f.write(chunk)
 
     def commit(self) -> BlobWriteResult:
-        """Check size and digest, then place the blob (created) or keep the stored copy (not created)."""
+        """Check size and digest, then place the blob (created) or keep the stored copy (not
+        created: the caller sent the same bytes, which proves possession). Either way ``owner``
+        owns the blob afterwards. The quota is checked again inside the write transaction, so
+        concurrent uploads of one owner cannot together pass it."""
         try:
             if self.expected_size is not None and self.size != self.expected_size:
                 raise ApiError(400, "size_mismatch", f"blob sha256:{self.hex}: received {self.size} bytes, declared {self.expected_size}")
             got = self._h.hexdigest()
             if got != self.hex:
                 raise ApiError(400, "digest_mismatch", f"blob sha256:{self.hex}: body has sha256:{got}")
+            assert self._f is not None
+            self._f.flush()
+            os.fsync(self._f.fileno())  # the slow part, outside the write lock
+            self._f.close()
+            self._f = None
             final = self.store.blob_path(self.hex)
-            if final.exists():  # same digest, same bytes: keep the stored copy, restart its gc grace period
-                self.abort()
-                self.store.touch_blob(self.hex)
-                return BlobWriteResult(f"sha256:{self.hex}", self.size, False)
-            self._stage_then_rename(final)
-            return BlobWriteResult(f"sha256:{self.hex}", self.size, True)
+            with self.store.tx() as db:  # serialized with gc and publish
+                if self.quota is not None:
+                    used = unpublished_bytes(db, self.owner, exclude=self.hex)
+                    if not _owns(db, self.owner, self.hex) and used + self.size > self.quota:
+                        raise quota_error(self.owner, self.quota, used, self.hex, self.size)
+                created = not final.exists()
+                if created:
+                    self._stage_then_rename(final)
+                else:  # same digest, same bytes: keep the stored copy, restart its gc grace period
+                    os.utime(final)
+                now = time.time()
+                db.execute("INSERT INTO blob_owners(sha256, owner, size, touched_at) VALUES (?,?,?,?) "
+                           "ON CONFLICT(sha256, owner) DO UPDATE SET touched_at = excluded.touched_at",
+                           (self.hex, self.owner, self.size, now))
+            self.abort()  # removes the temp file when the stored copy was kept
+            return BlobWriteResult(f"sha256:{self.hex}", self.size, created)
         except BaseException:
             self.abort()
             raise
 
     def _stage_then_rename(self, final: Path) -> None:
-        """The one place a blob becomes visible: fsync the temp file, rename it over ``final``
+        """The one place a blob becomes visible: rename the fsynced temp file over ``final``
         (atomic within the data dir), fsync the directory so the rename survives a crash."""
-        assert self._f is not None
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        self._f = None
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.tmp, final)
         fsync_dir(final.parent)
@@ -185,6 +249,22 @@ class Storage:
             d.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._conn().executescript(SCHEMA)  # idempotent; executescript commits on its own
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring an older data dir to ``SCHEMA_VERSION`` (idempotent; safe with a server running).
+
+        0 -> 1: ``blob_owners`` appears. A blob listed by a published version belongs to that
+        version's owner; blobs no version lists stay unowned (gc removes them; a re-upload claims them).
+        """
+        if self.read("PRAGMA user_version")[0][0] >= SCHEMA_VERSION:  # current: no write lock taken
+            return
+        with self.tx() as db:
+            if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:  # another process did it
+                return
+            db.execute("INSERT OR IGNORE INTO blob_owners(sha256, owner, size, touched_at) "
+                       "SELECT sha256, owner, MAX(size), ? FROM version_files GROUP BY sha256, owner", (time.time(),))
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- connections -------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -235,20 +315,47 @@ class Storage:
         except FileNotFoundError:
             return None
 
-    def touch_blob(self, hex_digest: str) -> None:
-        """Restart a blob's grace period for ``gc`` (a client just asked for it or re-sent it)."""
-        try:
-            os.utime(self.blob_path(hex_digest))
-        except FileNotFoundError:
-            pass
+    def blob_owners(self, hex_digest: str) -> set[str]:
+        """Owners that uploaded (or proved possession of) this blob."""
+        return {r["owner"] for r in self.read("SELECT owner FROM blob_owners WHERE sha256 = ?", (hex_digest,))}
+
+    def owns_blob(self, owner: str, hex_digest: str) -> bool:
+        return _owns(self._conn(), owner, hex_digest)
+
+    def unpublished_bytes(self, owner: str, *, exclude: str | None = None) -> int:
+        """Bytes counted against ``owner``'s quota (see ``unpublished_bytes``)."""
+        return unpublished_bytes(self._conn(), owner, exclude=exclude)
+
+    def quota_room(self, owner: str, hex_digest: str, quota: int | None) -> int | None:
+        """Bytes ``owner`` may still upload as ``hex_digest`` under ``quota``; None when unbounded
+        (no quota, or the owner already owns the blob: storing it again adds nothing)."""
+        if quota is None or self.owns_blob(owner, hex_digest):
+            return None
+        return quota - self.unpublished_bytes(owner, exclude=hex_digest)
+
+    def touch_blob(self, hex_digest: str, owner: str) -> None:
+        """Restart the gc grace period of a blob and of ``owner``'s claim on it (one of its owners
+        just asked for it); another caller's HEAD must not keep a blob alive."""
+        with self.tx() as db:
+            if db.execute("UPDATE blob_owners SET touched_at = ? WHERE sha256 = ? AND owner = ?",
+                          (time.time(), hex_digest, owner)).rowcount == 0:
+                return
+            try:
+                os.utime(self.blob_path(hex_digest))
+            except FileNotFoundError:
+                pass
 
     def gc_blobs(self, grace_seconds: float, *, dry_run: bool = False,
                  now: float | None = None) -> dict[str, Any]:
-        """Remove blobs that no published version lists and that nobody touched for ``grace_seconds``.
+        """Remove blobs that no published version lists and that no owner touched for ``grace_seconds``
+        (with their owner rows), then owners' stale claims: an owner's row on a blob that none of its
+        versions lists, untouched for ``grace_seconds`` (the blob stays while others keep it).
 
-        Returns {"removed": [hex...], "bytes": freed, "kept_referenced": n, "kept_recent": n}. Safe
-        while a server runs: each removal is decided and done inside a write transaction.
+        Returns {"removed": [hex...], "bytes": freed, "kept_referenced": n, "kept_recent": n,
+        "released_claims": n, "dry_run": bool}. Safe while a server runs: each removal is decided
+        and done inside a write transaction.
         """
+        now = now if now is not None else time.time()
         removed, freed, referenced, recent = [], 0, 0, 0
         for path in sorted(self.blob_dir.glob("*/*")):
             hexd = path.name
@@ -262,21 +369,32 @@ class Storage:
                     st = path.stat()
                 except FileNotFoundError:
                     continue
-                if (now if now is not None else time.time()) - st.st_mtime < grace_seconds:
+                if now - st.st_mtime < grace_seconds:
                     recent += 1
                     continue
                 if not dry_run:
+                    db.execute("DELETE FROM blob_owners WHERE sha256 = ?", (hexd,))
                     path.unlink()
                 removed.append(hexd)
                 freed += st.st_size
         if removed and not dry_run:
             for d in {self.blob_dir / h[:2] for h in removed}:
                 fsync_dir(d)
+        stale = ("FROM blob_owners WHERE touched_at < ? AND NOT EXISTS (SELECT 1 FROM version_files vf "
+                 "WHERE vf.owner = blob_owners.owner AND vf.sha256 = blob_owners.sha256)")
+        with self.tx() as db:
+            if dry_run:
+                released = db.execute(f"SELECT COUNT(*) {stale}", (now - grace_seconds,)).fetchone()[0]
+            else:
+                released = db.execute(f"DELETE {stale}", (now - grace_seconds,)).rowcount
         return {"removed": removed, "bytes": freed, "kept_referenced": referenced, "kept_recent": recent,
-                "dry_run": dry_run}
+                "released_claims": released, "dry_run": dry_run}
 
-    def blob_writer(self, hex_digest: str, expected_size: int | None, max_bytes: int) -> BlobWriter:
-        return BlobWriter(self, hex_digest, expected_size, max_bytes)
+    def blob_writer(self, hex_digest: str, expected_size: int | None, max_bytes: int, owner: str,
+                    quota: int | None = None, room: int | None = None) -> BlobWriter:
+        """A writer for one upload by ``owner``; ``quota`` (None: none) bounds its unpublished bytes,
+        ``room`` is what the quota left when the upload started (checked while streaming)."""
+        return BlobWriter(self, hex_digest, expected_size, max_bytes, owner, quota, room)
 
     def read_blob(self, hex_digest: str) -> bytes:
         return self.blob_path(hex_digest).read_bytes()
@@ -370,9 +488,9 @@ class Storage:
             latest = db.execute("SELECT MAX(version) AS v FROM versions WHERE owner=? AND name=?", (owner, name)).fetchone()["v"]
             if latest is not None and version <= latest:
                 raise ApiError(409, "rollback", f"{owner}/{name} version {version} is not above the latest published version {latest}")
-            for f in files:  # gc may have removed a blob since check_blobs: re-check inside the tx
-                if self.blob_size(f["sha256"]) != int(f["size"]):
-                    raise ApiError(400, "missing_blob", f"blob sha256:{f['sha256']} for {f['path']!r} is not stored")
+            for f in files:  # gc may have removed a blob or a claim since check_blobs: re-check inside the tx
+                if not _owns(db, owner, f["sha256"]) or self.blob_size(f["sha256"]) != int(f["size"]):
+                    raise ApiError(400, "missing_blob", f"{f['path']} (sha256:{f['sha256']}) was not uploaded")
             db.execute("INSERT INTO versions(owner,name,version,base_model,files_digest,signature,files,published_at) "
                        "VALUES (?,?,?,?,?,?,?,?)",
                        (owner, name, version, base_model, ident, json.dumps(signature_doc, sort_keys=True),

@@ -9,6 +9,8 @@
         adapter_config.json, basis.safetensors (a hard link into .blobs: one copy per cluster),
         cores.safetensors, soppu_source.json
     <root>/.blobs/sha256/<hex>             verified blobs, shared by every adapter (a basis once)
+    <root>/.seen/<owner>/<name>            the highest version whose signed statement this host has
+                                           verified for that adapter (JSON), for rollback protection
     <root>/.locks/                         one lock file per adapter version and per blob
     <root>/.tmp/                           staging; anything here is garbage from a crashed run
 
@@ -16,12 +18,15 @@
 LoRAX's cache). A version dir is built in ``.tmp`` (:meth:`Cache.staging`, the one staging place:
 renames into the cache must stay on its filesystem) and renamed into place while its
 :meth:`Cache.version_lock` is held, so readers in other processes or shards see either nothing or
-the complete dir. Blobs are checked, stored and removed under :meth:`Cache.blob_lock`.
+the complete dir. Blobs are checked, stored and removed under :meth:`Cache.blob_lock`. The
+high-water mark of an adapter (:meth:`Cache.note_seen`, shared by both serving forms) only rises,
+atomically, under :meth:`Cache.seen_lock`; delete its file to accept an older ``latest`` again.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import os
 import shutil
 import tempfile
@@ -32,10 +37,11 @@ from pathlib import Path
 from filelock import FileLock
 
 from soppu_client.format.errors import InputError
-from soppu_client.format.fsutil import file_digest, fsync_dir
+from soppu_client.format.fsutil import atomic_write, file_digest, fsync_dir
 
 MARKER = "soppu_source.json"
 LATEST = "latest"
+SEEN = ".seen"
 FORMS = {  # serving form -> the weight files a complete version dir holds
     "peft": ("adapter_model.safetensors",),
     "compressed": ("basis.safetensors", "cores.safetensors"),
@@ -95,6 +101,10 @@ class Cache:
         ``timeout`` seconds (-1: wait forever, 0: don't wait), then ``filelock.Timeout``."""
         return self._lock(f"adapter-{self.form}-{owner}--{name}--v{version}", timeout)
 
+    def seen_lock(self, owner: str, name: str, *, timeout: float = -1) -> FileLock:
+        """The lock under which the high-water mark of ``owner/name`` is raised (as :meth:`version_lock`)."""
+        return self._lock(f"seen-{owner}--{name}", timeout)
+
     def blob_lock(self, sha256: str, *, timeout: float = -1) -> FileLock:
         """The lock under which blob ``sha256`` is checked, stored or removed (as :meth:`version_lock`)."""
         return self._lock(f"blob-{sha256}", timeout)
@@ -109,6 +119,33 @@ class Cache:
             yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
+
+    # -- rollback protection ------------------------------------------------------------------
+    def seen_path(self, owner: str, name: str) -> Path:
+        """The high-water mark file of ``owner/name`` (the same for every serving form)."""
+        return self.root / SEEN / owner / name
+
+    def highest_seen(self, owner: str, name: str) -> int | None:
+        """The highest version of ``owner/name`` verified on this host, or None (none, or unreadable)."""
+        try:
+            version = json.loads(self.seen_path(owner, name).read_text(encoding="utf-8"))["version"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return version if type(version) is int else None
+
+    def note_seen(self, owner: str, name: str, version: int, statement_sha256: str) -> None:
+        """Raise the high-water mark of ``owner/name`` to ``version`` (never lowers it; atomic)."""
+        current = self.highest_seen(owner, name)
+        if current is not None and current >= version:
+            return
+        path = self.seen_path(owner, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self.seen_lock(owner, name):
+            current = self.highest_seen(owner, name)  # another process may have raised it meanwhile
+            if current is not None and current >= version:
+                return
+            doc = {"owner": owner, "name": name, "version": version, "statement_sha256": statement_sha256}
+            atomic_write(path, (json.dumps(doc, sort_keys=True) + "\n").encode())
 
     # -- blobs --------------------------------------------------------------------------------
     def cached_blob(self, sha256: str, size: int) -> Path | None:

@@ -5,9 +5,15 @@ adds the cache around them. Nothing reaches the cache before all checks pass:
 
 1. ``resolve``: the version record, with the request's token (reused ``resolve_ttl`` seconds in
    this process, so LoRAX's several calls for one request cost one round trip).
-2. ``verify_version``: the owner's key (``trusted_keys`` dir of pinned keys, else the registry's key the
-   signature names) and the Ed25519 signed statement. A complete cached dir is then served if the
-   files it was built from are still the signed ones.
+2. :func:`verified_version`, on every resolution, warm or cold: the owner's key (``trusted_keys``
+   dir of pinned keys, else the registry's key the signature names, reused ``resolve_ttl``
+   seconds), the Ed25519 signed statement and its expiry against the clock; then rollback
+   protection: an unpinned ``owner/name`` whose answer is below the highest version this host has
+   verified (``Cache.highest_seen``) is refused (``VerificationError`` code ``rollback``), and the
+   mark is raised to every verified version. A complete cached dir is then served only if the
+   files it was built from are still the signed ones (:func:`verified_dir`). So an expired
+   statement, a version the registry no longer serves (404), or a key that is no longer pinned
+   (or no longer listed by the registry) stops a cached adapter from being served too.
 3. Under the version's lock, and one lock per signed blob: ``fetch_verified`` brings manifest.json,
    basis and the adapter's core into a staging dir (blobs already in the cache's blob store are
    re-hashed and reused, not downloaded; a basis shared by many adapters is fetched once).
@@ -29,13 +35,16 @@ import os
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from filelock import Timeout
 
-from soppu_client.fetch import Explain, VerifiedVersion, VersionRecord, fetch_verified, resolve_version, verify_version
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from soppu_client.fetch import (Explain, VerifiedVersion, VersionRecord, fetch_verified, owner_key, resolve_version,
+                                verify_version)
 from soppu_client.format import signing
 from soppu_client.format.bundle import Bundle, export_peft
 from soppu_client.format.compressed_form import BASIS_FILE, write_compressed_files
@@ -48,7 +57,7 @@ from soppu_client.registry_client import RegistryClient
 from soppu_serving.cache import MARKER, Cache
 from soppu_serving.settings import Settings
 
-__all__ = ["FetchStats", "forget_resolutions", "materialize", "resolve"]
+__all__ = ["FetchStats", "forget_resolutions", "materialize", "resolve", "verified_dir", "verified_version"]
 
 SUBJECT = "soppu adapter"  # how every error of the source names the adapter
 
@@ -66,12 +75,15 @@ class FetchStats:
 # -- registry access ------------------------------------------------------------------------------
 
 def _client(settings: Settings, token: str | None) -> RegistryClient:
-    return RegistryClient(settings.require_registry_url(), token, retries=settings.registry_retries, backoff=0.2,
-                          max_wait=2.0, timeout=settings.registry_timeout)
+    return RegistryClient(settings.require_registry_url(), token, backoff=0.2, max_wait=2.0,
+                          **settings.client_options())
 
 
 def _explain(err: RegistryError, what: str, *, ref: AdapterRef, url: str) -> SoppuError:
     """Turn a registry refusal into a message a LoRAX client can act on."""
+    if err.status is None and err.code in ("deadline", "response_too_large", "bad_response"):
+        return RegistryError(f"soppu adapter {ref}: refused the registry's answer while {what}: {err}",
+                             status=None, code=err.code, url=err.url)
     if err.status is None:
         return RegistryError(
             f"soppu adapter {ref}: cannot reach the registry at {url} ({what}): {err}. "
@@ -106,7 +118,16 @@ def _explainer(ref: AdapterRef, client: RegistryClient) -> Explain:
 
 
 _resolve_cache: dict[tuple[str, str, str], tuple[float, VersionRecord]] = {}
+_key_cache: dict[tuple[str, str, str, str], tuple[float, Ed25519PublicKey]] = {}
 _resolve_lock = threading.Lock()
+
+
+def _remember(table: dict, key: tuple, value: Any, now: float, ttl: float) -> None:
+    """Put ``value`` in ``table`` (bounded: drop what has expired, else everything). Hold ``_resolve_lock``."""
+    if len(table) >= 4096:
+        for k in [k for k, (t, _) in table.items() if now - t >= ttl] or list(table):
+            del table[k]
+    table[key] = (now, value)
 
 
 def resolve(ref: AdapterRef, settings: Settings, token: str | None) -> VersionRecord:
@@ -123,16 +144,71 @@ def resolve(ref: AdapterRef, settings: Settings, token: str | None) -> VersionRe
     client = _client(settings, token)
     record = resolve_version(client, ref, subject=SUBJECT, explain=_explainer(ref, client))
     with _resolve_lock:
-        if len(_resolve_cache) >= 4096:  # bounded: drop what has expired, else everything
-            for k in [k for k, (t, _) in _resolve_cache.items() if now - t >= ttl] or list(_resolve_cache):
-                del _resolve_cache[k]
-        _resolve_cache[key] = (now, record)
+        _remember(_resolve_cache, key, record, now, ttl)
+        if ref.version is None:  # the same record answers the pinned lookup of that version
+            pinned = AdapterRef(ref.owner, ref.name, record.version)
+            _remember(_resolve_cache, (url, str(pinned), key[2]), replace(record, ref=pinned), now, ttl)
     return record
 
 
 def forget_resolutions() -> None:
+    """Forget every reused version record and registry key of this process."""
     with _resolve_lock:
         _resolve_cache.clear()
+        _key_cache.clear()
+
+
+def _registry_key(client: RegistryClient, record: VersionRecord, settings: Settings, token: str | None,
+                  explain: Explain) -> Ed25519PublicKey:
+    """The registry's key for ``record``'s signature, reused ``resolve_ttl`` seconds (unpinned mode)."""
+    key_id = record.signature.get("key_id")
+    key = (client.base_url, record.ref.owner, str(key_id), hashlib.sha256((token or "").encode()).hexdigest())
+    now = time.monotonic()
+    with _resolve_lock:
+        hit = _key_cache.get(key)
+        if hit is not None and now - hit[0] < settings.resolve_ttl:
+            return hit[1]
+    pub = owner_key(client, record, explain=explain)
+    with _resolve_lock:
+        _remember(_key_cache, key, pub, now, settings.resolve_ttl)
+    return pub
+
+
+def verified_version(ref: AdapterRef, *, token: str | None, settings: Settings, cache: Cache,
+                     record: VersionRecord | None = None) -> VerifiedVersion:
+    """One resolution of ``ref``, warm or cold: its version record (``record``, else :func:`resolve`),
+    verified now (the owner's key, the signature, the expiry against the clock), not a rollback.
+
+    Rollback: for an unpinned ``ref`` the answered version must be at least the highest this host
+    has verified for ``owner/name`` (VerificationError ``rollback``, naming both versions and the
+    fix); a pinned ``owner/name@N`` is served below it. Every verified version raises the mark.
+    """
+    record = record or resolve(ref, settings, token)
+    client = _client(settings, token)
+    explain = _explainer(ref, client)
+    pub = None if settings.trusted_keys is not None else _registry_key(client, record, settings, token, explain)
+    verified = verify_version(client, record, public_key=pub, trusted_keys=settings.trusted_keys, explain=explain)
+    owner, name, version = ref.owner, ref.name, record.version
+    seen = cache.highest_seen(owner, name)
+    if ref.version is None and seen is not None and version < seen:
+        raise VerificationError(
+            f"{SUBJECT} {ref}: rollback refused: the registry at {client.base_url} answers version {version} as the "
+            f"latest, but this host has already verified version {seen} of {owner}/{name}. Ask for "
+            f"{owner}/{name}@{version} to serve that version on purpose; if the owner withdrew the newer versions, "
+            f"delete {cache.seen_path(owner, name)}", code="rollback")
+    cache.note_seen(owner, name, version, hashlib.sha256(signing.canonical_json(verified.statement)).hexdigest())
+    return verified
+
+
+def verified_dir(ref: AdapterRef, *, token: str | None, settings: Settings, cache: Cache,
+                 record: VersionRecord | None = None) -> tuple[Path, VerifiedVersion]:
+    """The version dir one resolution of ``ref`` serves (:func:`verified_version`), and the verified
+    version; when the dir is complete, it was built from files the statement still signs."""
+    verified = verified_version(ref, token=token, settings=settings, cache=cache, record=record)
+    final = cache.version_dir(ref.owner, ref.name, verified.record.version)
+    if cache.is_complete(final):
+        _check_cached(final, verified)
+    return final, verified
 
 
 def _provenance(url: str, verified: VerifiedVersion, files: list[dict[str, Any]]) -> dict:
@@ -175,17 +251,13 @@ def materialize(ref: AdapterRef, *, token: str | None, settings: Settings, cache
     processes or threads at once: the work is done once under the version's lock and every caller
     returns only after the complete dir is in place.
     """
-    record = record or resolve(ref, settings, token)
+    # Verified (key, signature, expiry, rollback) before any byte is written, and on every warm hit.
+    final, verified = verified_dir(ref, token=token, settings=settings, cache=cache, record=record)
     client = _client(settings, token)
     explain = _explainer(ref, client)
-    # The owner's key: pinned in settings.trusted_keys, else the registry's. Before any byte is written.
-    verified = verify_version(client, record, trusted_keys=settings.trusted_keys, explain=explain)
-    version = record.version
-    final = cache.version_dir(ref.owner, ref.name, version)
+    version = verified.record.version
     stats = FetchStats()
-    if cache.is_complete(final):
-        _check_cached(final, verified)
-    else:
+    if not cache.is_complete(final):
         try:
             with cache.version_lock(ref.owner, ref.name, version, timeout=lock_timeout):
                 if not cache.is_complete(final):  # else another process finished while we waited

@@ -4,13 +4,27 @@
                             clear error at the first fetch, so cache-only tools work without it)
     SOPPU_REGISTRY_TOKEN    token used when a request carries none (e.g. adapters preloaded at start)
     SOPPU_CACHE_DIR         cache root (default: <HUGGINGFACE_HUB_CACHE>/soppu, LoRAX's cache)
-    SOPPU_TRUSTED_KEYS      dir of pinned owner keys ``<owner>.pub``; unset: trust the key the
-                            registry lists for the owner (its id recomputed from the key bytes)
+    SOPPU_TRUSTED_KEYS      dir of pinned owner keys (recommended): ``<owner>.pub`` and/or
+                            ``<owner>/*.pub`` (several keys per owner, so a rotation can keep the
+                            old and the new key); a signature must be by one of them. Unset: trust
+                            the key the registry lists for the owner (active or rotated; its id
+                            recomputed from the key bytes), and warn once per process at start-up
     SOPPU_SERVE_FORMAT      ``peft`` (default: a standard LoRA dir, stock LoRAX kernels) or
                             ``compressed`` (basis + cores, for a LoRAX with patches 0005-0008)
     SOPPU_REGISTRY_RETRIES  extra attempts per registry request (default 2)
-    SOPPU_REGISTRY_TIMEOUT  seconds per registry request (default 30)
-    SOPPU_RESOLVE_TTL       seconds a version lookup is reused within a process (default 5)
+    SOPPU_REGISTRY_TIMEOUT  seconds to connect and per read of a registry request, and for the whole
+                            of a JSON answer (default 30)
+    SOPPU_REGISTRY_MAX_JSON_BYTES  bytes a JSON answer (version record, keys) may have (default
+                            4194304 = 4 MiB); a longer one is cut and refused
+    SOPPU_DOWNLOAD_DEADLINE seconds one blob download may take, start to last byte (default 600);
+                            past it the download is cut and nothing is cached
+    SOPPU_SERVED_BASE_MODEL the base model name (a bundle's ``base_model``, e.g.
+                            HuggingFaceTB/SmolLM2-135M-Instruct) that the engine serves under another
+                            name, e.g. a local model dir; bundles naming it are accepted (the vLLM
+                            resolver; default: only bundles naming the served model path itself)
+    SOPPU_RESOLVE_TTL       seconds a version lookup (and the registry's key) is reused within a
+                            process (default 5); the signature and the expiry are checked again on
+                            every resolution, warm or cold
 
 Entry points (the LoRAX source, ``soppu-cache``) build one :class:`Settings` with
 :meth:`Settings.from_env` and pass it down; no other module reads these variables. An unset or
@@ -20,7 +34,9 @@ the value.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -28,9 +44,14 @@ from typing import Any
 
 from soppu_client.format.errors import InputError
 from soppu_client.format.names import REGISTRY_TOKEN_ENV, REGISTRY_URL_ENV
+from soppu_client.registry_client import DOWNLOAD_DEADLINE, MAX_JSON_BYTES
 from soppu_serving.cache import FORMS
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "warn_if_unpinned"]
+
+log = logging.getLogger("soppu_serving")
+_warned: set[str] = set()  # registry URLs already warned about in this process
+_warn_lock = threading.Lock()
 
 # field -> environment variable (one name per setting)
 _ENV = {
@@ -41,7 +62,10 @@ _ENV = {
     "serve_format": "SOPPU_SERVE_FORMAT",
     "registry_retries": "SOPPU_REGISTRY_RETRIES",
     "registry_timeout": "SOPPU_REGISTRY_TIMEOUT",
+    "max_json_bytes": "SOPPU_REGISTRY_MAX_JSON_BYTES",
+    "download_deadline": "SOPPU_DOWNLOAD_DEADLINE",
     "resolve_ttl": "SOPPU_RESOLVE_TTL",
+    "served_base_model": "SOPPU_SERVED_BASE_MODEL",
 }
 
 
@@ -59,7 +83,10 @@ class Settings:
     serve_format: str = "peft"
     registry_retries: int = 2
     registry_timeout: float = 30.0
+    max_json_bytes: int = MAX_JSON_BYTES
+    download_deadline: float = DOWNLOAD_DEADLINE
     resolve_ttl: float = 5.0
+    served_base_model: str | None = None
 
     def __post_init__(self) -> None:
         url = self.registry_url
@@ -70,7 +97,7 @@ class Settings:
         keys = self.trusted_keys
         if keys is not None and not Path(keys).is_dir():
             raise InputError(f"SOPPU_TRUSTED_KEYS={str(keys)!r} is not a directory; point it at a dir of pinned "
-                             "owner keys <owner>.pub, or unset it to trust the registry's keys")
+                             "owner keys <owner>.pub or <owner>/*.pub, or unset it to trust the registry's keys")
         self._set("trusted_keys", Path(keys) if keys is not None else None)
         form = str(self.serve_format).strip().lower()
         if form not in FORMS:
@@ -80,7 +107,12 @@ class Settings:
         if retries is None or retries < 0:
             raise InputError(f"SOPPU_REGISTRY_RETRIES={self.registry_retries!r} must be an integer >= 0")
         self._set("registry_retries", retries)
-        for name, positive in (("registry_timeout", True), ("resolve_ttl", False)):
+        cap = _number(self.max_json_bytes, int)
+        if cap is None or cap < 1024:
+            raise InputError(f"SOPPU_REGISTRY_MAX_JSON_BYTES={self.max_json_bytes!r} must be an integer number of "
+                             f"bytes >= 1024 (default {MAX_JSON_BYTES})")
+        self._set("max_json_bytes", cap)
+        for name, positive in (("registry_timeout", True), ("download_deadline", True), ("resolve_ttl", False)):
             raw = getattr(self, name)
             value = _number(raw, float)
             if value is None or value < 0 or (positive and value == 0):
@@ -108,6 +140,11 @@ class Settings:
                              "to serve adapters of source `soppu`")
         return self.registry_url
 
+    def client_options(self) -> dict[str, Any]:
+        """The :class:`~soppu_client.registry_client.RegistryClient` keywords these settings set."""
+        return {"retries": self.registry_retries, "timeout": self.registry_timeout,
+                "max_json_bytes": self.max_json_bytes, "download_deadline": self.download_deadline}
+
     @property
     def cache_root(self) -> Path:
         """``cache_dir``, or ``<HUGGINGFACE_HUB_CACHE>/soppu`` (LoRAX's cache) when it is not set."""
@@ -121,6 +158,24 @@ class Settings:
             hub = os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(
                 os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
         return Path(hub) / "soppu"
+
+
+def warn_if_unpinned(settings: Settings) -> bool:
+    """Log a warning, once per process and registry, when ``settings`` trusts the keys the registry
+    supplies (no ``SOPPU_TRUSTED_KEYS``): a compromised registry could then substitute its own key
+    for an owner's. Returns whether it warned now."""
+    if settings.trusted_keys is not None:
+        return False
+    url = settings.registry_url or "(SOPPU_REGISTRY_URL unset)"
+    with _warn_lock:
+        if url in _warned:
+            return False
+        _warned.add(url)
+    log.warning("soppu source: SOPPU_TRUSTED_KEYS is not set, so adapters from the registry at %s are verified "
+                "with the keys that registry supplies; a compromised registry could substitute its own key for an "
+                "owner's. Pin the owners' public keys: SOPPU_TRUSTED_KEYS=<dir> holding <owner>.pub or "
+                "<owner>/*.pub (the recommended mode)", url)
+    return True
 
 
 def _number(value: Any, kind: type) -> int | float | None:

@@ -24,20 +24,22 @@ def _digest(path: Path) -> dict:
 
 
 def make_bundle(root: Path, adapters: tuple[str, ...] = ("a", "b"), *, seed: int = 0,
-                base_model: str = BASE_MODEL, method: str = "full", rank: int = RANK) -> Path:
+                base_model: str = BASE_MODEL, method: str = "full", rank: int = RANK,
+                modules: dict[str, tuple[int, int]] | None = None) -> Path:
     """Write a valid bundle (method "full": [k, k] cores; "diag": [k]) with the given adapters
-    under ``root``; return it."""
+    and ``modules`` (name -> (d_out, d_in), default MODULES) under ``root``; return it."""
+    modules = MODULES if modules is None else modules
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "cores").mkdir(exist_ok=True)
     basis = {}
-    for mod, (d_out, d_in) in MODULES.items():
+    for mod, (d_out, d_in) in modules.items():
         basis[f"{mod}.U"] = rng.standard_normal((d_out, rank)).astype(np.float32)
         basis[f"{mod}.V"] = rng.standard_normal((d_in, rank)).astype(np.float32)
     save_file(basis, str(root / "basis.safetensors"))
     for name in adapters:
         shape = (rank, rank) if method == "full" else (rank,)
-        core = {f"{mod}.S": rng.standard_normal(shape).astype(np.float32) for mod in MODULES}
+        core = {f"{mod}.S": rng.standard_normal(shape).astype(np.float32) for mod in modules}
         save_file(core, str(root / "cores" / f"{name}.safetensors"))
     files = {"basis.safetensors": _digest(root / "basis.safetensors")}
     for name in adapters:
@@ -47,7 +49,7 @@ def make_bundle(root: Path, adapters: tuple[str, ...] = ("a", "b"), *, seed: int
         "format": "soppu-bundle/1", "base_model": base_model, "method": method, "rank": rank,
         "dtype": "float32", "clusters": 1,
         "peft": {"target_modules": ["q_proj", "v_proj"], "fan_in_fan_out": False, "task_type": "CAUSAL_LM"},
-        "modules": {mod: {"shape": list(shape)} for mod, shape in MODULES.items()},
+        "modules": {mod: {"shape": list(shape)} for mod, shape in modules.items()},
         "adapters": {name: {"core": f"cores/{name}.safetensors", "cluster": 0, "source_rank": 8,
                             "alpha": 16.0} for name in adapters},
         "files": files, "fit": {}, "metrics": {},

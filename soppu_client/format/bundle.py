@@ -280,6 +280,8 @@ class Manifest:
             if not isinstance(data.get(key, {}), dict):
                 p.append(f"`{key}` is not an object")
         modules = _parse_modules(data["modules"], p)
+        if _is_int(data["rank"], 1):
+            _check_rank_fits(data["rank"], modules, p)
         files = _parse_files(data["files"], p)
         adapters = _parse_adapters(data["adapters"], files, data["clusters"], p)
         if p:
@@ -302,6 +304,15 @@ def _parse_modules(raw: object, p: list[str]) -> dict[str, tuple[int, int]]:
             continue
         out[module] = (shape[0], shape[1])
     return out
+
+
+def _check_rank_fits(rank: int, modules: dict[str, tuple[int, int]], p: list[str]) -> None:
+    """``rank`` <= min(d_out, d_in) of every module: a larger k adds nothing a rank-min(d_out, d_in)
+    basis cannot express, only bytes (a k x k core per adapter, d x k PEFT factors on export)."""
+    too_small = [f"`{m}` ({d_out} x {d_in})" for m, (d_out, d_in) in modules.items() if rank > min(d_out, d_in)]
+    if too_small:
+        more = f" and {len(too_small) - 1} more" if len(too_small) > 1 else ""
+        p.append(f"`rank` {rank} exceeds min(d_out, d_in) of module {too_small[0]}{more}")
 
 
 def _parse_files(raw: object, p: list[str]) -> dict[str, FileEntry]:

@@ -70,7 +70,10 @@ class SignatureError(VerificationError):
     ``wrong_key`` (signed by another key than the trusted one), ``bad_signature`` (Ed25519 check
     failed), ``bad_statement`` (statement schema), ``expired``, ``owner_mismatch``,
     ``name_mismatch``, ``version_mismatch``, ``files_mismatch`` (files on disk differ from the
-    statement), ``bad_manifest`` (manifest.json malformed or disagreeing with the statement).
+    statement), ``bad_manifest`` (manifest.json malformed or disagreeing with the statement),
+    ``untrusted_key`` (not one of the owner's pinned keys), ``unknown_key`` (not a key the registry
+    lists for the owner). ``VerificationError`` alone uses ``rollback`` (the serving host was
+    offered a version below the highest it has verified for that adapter).
     """
 
 

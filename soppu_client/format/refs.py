@@ -10,6 +10,14 @@ from soppu_client.format.names import ADAPTER_NAME_RE, OWNER_RE
 __all__ = ["AdapterRef"]
 
 
+MAX_VERSION = 2**63 - 1  # versions are signed 64-bit integers everywhere (SQLite, PostgreSQL)
+
+
+def _is_version(text: str) -> bool:
+    """ASCII digits naming a version in 1..MAX_VERSION (``str.isdigit`` alone accepts ``²``)."""
+    return text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_VERSION
+
+
 @dataclass(frozen=True)
 class AdapterRef:
     """``owner/name[@version]`` parsed; ``version`` None means the latest published."""
@@ -26,10 +34,11 @@ class AdapterRef:
         version: int | None = None
         if "@" in body:
             body, _, v = body.rpartition("@")
-            if not v.isdigit():
-                raise InputError(f"{label} {text!r}: version after '@' must be an integer, got {v!r}")
+            if not _is_version(v):
+                raise InputError(f"{label} {text!r}: version after '@' must be an integer from 1 to {MAX_VERSION}, "
+                                 f"got {v!r}")
             version = int(v)
-        elif revision and str(revision).isdigit():
+        elif revision and _is_version(str(revision)):
             version = int(revision)
         owner, sep, name = body.partition("/")
         if not sep or not OWNER_RE.match(owner) or not ADAPTER_NAME_RE.match(name):

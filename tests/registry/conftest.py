@@ -11,9 +11,9 @@ from tests.registry.regkit import MAX_BLOB, Owner, Registry, Server
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """One shared server (rate limit off, 1 MiB blob cap); each test makes its own owners."""
+    """One shared server (rate limit and failed-auth limit off, 1 MiB blob cap); each test makes its own owners."""
     tmp = tmp_path_factory.mktemp("registry")
-    server = Server(tmp / "data", "--rate", "0", "--max-blob-bytes", str(MAX_BLOB)).start()
+    server = Server(tmp / "data", "--rate", "0", "--max-auth-failures", "0", "--max-blob-bytes", str(MAX_BLOB)).start()
     try:
         yield Registry(server, tmp)
     finally:

@@ -105,7 +105,7 @@ def test_path_is_checked_before_the_token_and_the_token_before_the_body(registry
         conn.close()
     r = requests.put(f"{url}/v1/adapters/{owner.name}/alpha/versions/-1", json={}, headers=auth(owner.write_token))
     assert (r.status_code, error_code(r)) == (400, "bad_request")
-    assert r.json()["error"]["message"] == "version must be a non-negative integer, got -1"
+    assert r.json()["error"]["message"] == "version must be an integer from 1 to 9223372036854775807 in ASCII digits, got '-1'"
 
 
 @pytest.fixture(scope="module")

@@ -134,10 +134,12 @@ def test_blob_read_rules(registry: Registry, owner: Owner) -> None:
     r = requests.get(url, headers=auth(other.read_token))  # other owner: no version of theirs uses it
     assert (r.status_code, error_code(r)) == (404, "not_found")
     assert requests.get(url).status_code == 401
-    stray = os.urandom(64)  # uploaded but referenced by no version: only serving tokens read it
+    stray = os.urandom(64)  # uploaded but referenced by no version: only its owner's tokens read it
     put_blob(registry.url, owner.write_token, stray)
     stray_url = f"{registry.url}/v1/blobs/sha256:{hashlib.sha256(stray).hexdigest()}"
-    assert requests.get(stray_url, headers=auth(owner.read_token)).status_code == 404
-    assert requests.get(stray_url, headers=auth(registry.serving_token)).content == stray
+    assert requests.get(stray_url, headers=auth(owner.read_token)).content == stray
+    for token in (registry.serving_token, other.read_token, other.write_token):
+        r = requests.get(stray_url, headers=auth(token))
+        assert (r.status_code, error_code(r)) == (404, "not_found")
     r = requests.get(f"{registry.url}/v1/blobs/sha256:XYZ", headers=auth(owner.read_token))
     assert (r.status_code, error_code(r)) == (400, "bad_digest")

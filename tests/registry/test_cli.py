@@ -134,6 +134,9 @@ def test_admin_commands_report_json_and_errors_without_tracebacks(registry: Regi
     assert (r.returncode, r.stderr) == (2, f"error: no active token with id {token_id!r}\n")
     r = admin(registry, "issue-token", "--scope", "owner-write", "--json")
     assert r.returncode == 2 and json.loads(r.stdout)["error"]["message"] == "scopes ['owner-write'] need an owner (--owner)"
+    r = admin(registry, "issue-token", "--owner", "dave", "--scope", "owner-write", "--scope", "serving-read", "--json")
+    assert r.returncode == 2 and json.loads(r.stdout)["error"]["message"] == (
+        "serving-read cannot be combined with ['owner-write']; issue two tokens")
 
     r = admin(registry, "gc", "--grace", "soon", "--json")
     assert r.returncode == 2 and json.loads(r.stdout)["error"] == {

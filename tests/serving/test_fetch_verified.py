@@ -67,7 +67,8 @@ def test_wrong_pinned_key_and_refused_token(published, tmp_path: Path) -> None:
     with pytest.raises(SignatureError) as e:  # a pinned-keys dir without the owner's key
         fetch_verified(client, f"{reg.owner}/ad0", ["basis.safetensors"], tmp_path / "o2", trusted_keys=tmp_path)
     assert str(e.value) == (f"adapter alice/ad0: no trusted key for owner 'alice' in the pinned keys dir {tmp_path} "
-                            f"({tmp_path / 'alice.pub'} is missing; add the owner's public key there)")
+                            f"(neither {tmp_path / 'alice.pub'} nor {tmp_path / 'alice'}/*.pub exists; add the owner's "
+                            "public key there)")
     bad = RegistryClient(reg.url, "soppu_0000000000000000_nope", retries=0)
     with pytest.raises(RegistryError, match=r"^adapter alice/ad0: registry error while resolving the version: "
                                             r"GET .*: HTTP 401") as e:

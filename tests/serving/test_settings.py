@@ -13,17 +13,20 @@ from soppu_serving.settings import Settings
 def test_defaults_and_every_variable(tmp_path: Path) -> None:
     assert Settings.from_env({}) == Settings()
     assert (Settings().serve_format, Settings().registry_retries, Settings().registry_timeout,
-            Settings().resolve_ttl) == ("peft", 2, 30.0, 5.0)
+            Settings().resolve_ttl, Settings().max_json_bytes, Settings().download_deadline) == (
+        "peft", 2, 30.0, 5.0, 4 << 20, 600.0)
     env = {
         "SOPPU_REGISTRY_URL": "http://registry:8080/", "SOPPU_REGISTRY_TOKEN": "tok",
         "SOPPU_CACHE_DIR": str(tmp_path / "cache"), "SOPPU_TRUSTED_KEYS": str(tmp_path),
         "SOPPU_SERVE_FORMAT": " Compressed ", "SOPPU_REGISTRY_RETRIES": "0", "SOPPU_REGISTRY_TIMEOUT": "2.5",
-        "SOPPU_RESOLVE_TTL": "0", "SOPPU_UNRELATED": "x",
+        "SOPPU_RESOLVE_TTL": "0", "SOPPU_REGISTRY_MAX_JSON_BYTES": "65536", "SOPPU_DOWNLOAD_DEADLINE": "12.5",
+        "SOPPU_UNRELATED": "x",
     }
     s = Settings.from_env(env)
     assert s == Settings(registry_url="http://registry:8080", registry_token="tok", cache_dir=tmp_path / "cache",
                          trusted_keys=tmp_path, serve_format="compressed", registry_retries=0,
-                         registry_timeout=2.5, resolve_ttl=0.0)
+                         registry_timeout=2.5, resolve_ttl=0.0, max_json_bytes=65536, download_deadline=12.5)
+    assert s.client_options() == {"retries": 0, "timeout": 2.5, "max_json_bytes": 65536, "download_deadline": 12.5}
     assert s.cache_root == tmp_path / "cache" and s.require_registry_url() == "http://registry:8080"
     # Empty means unset; explicit overrides win over the environment, None overrides nothing.
     assert Settings.from_env({"SOPPU_SERVE_FORMAT": "", "SOPPU_CACHE_DIR": "  "}) == Settings()
@@ -48,6 +51,11 @@ def test_default_cache_root_is_under_the_hub_cache() -> None:
     ("SOPPU_REGISTRY_TIMEOUT", "30s", "SOPPU_REGISTRY_TIMEOUT='30s' must be a number of seconds > 0"),
     ("SOPPU_RESOLVE_TTL", "nan", "SOPPU_RESOLVE_TTL='nan' must be a number of seconds >= 0"),
     ("SOPPU_RESOLVE_TTL", "-5", "SOPPU_RESOLVE_TTL='-5' must be a number of seconds >= 0"),
+    ("SOPPU_DOWNLOAD_DEADLINE", "0", "SOPPU_DOWNLOAD_DEADLINE='0' must be a number of seconds > 0"),
+    ("SOPPU_REGISTRY_MAX_JSON_BYTES", "1MiB",
+     "SOPPU_REGISTRY_MAX_JSON_BYTES='1MiB' must be an integer number of bytes >= 1024 (default 4194304)"),
+    ("SOPPU_REGISTRY_MAX_JSON_BYTES", "100",
+     "SOPPU_REGISTRY_MAX_JSON_BYTES='100' must be an integer number of bytes >= 1024 (default 4194304)"),
 ])
 def test_bad_values_name_the_variable_and_the_value(var: str, value: str, message: str) -> None:
     with pytest.raises(InputError) as e:
@@ -60,7 +68,7 @@ def test_trusted_keys_must_be_a_dir_and_url_is_required_only_to_fetch(tmp_path: 
     with pytest.raises(InputError) as e:
         Settings.from_env({"SOPPU_TRUSTED_KEYS": str(missing)})
     assert str(e.value) == (f"SOPPU_TRUSTED_KEYS={str(missing)!r} is not a directory; point it at a dir of pinned "
-                            "owner keys <owner>.pub, or unset it to trust the registry's keys")
+                            "owner keys <owner>.pub or <owner>/*.pub, or unset it to trust the registry's keys")
     with pytest.raises(InputError, match=r"^SOPPU_REGISTRY_URL is not set: start LoRAX with SOPPU_REGISTRY_URL="):
         Settings().require_registry_url()
     # Values given in code are checked like the environment's.

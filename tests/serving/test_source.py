@@ -180,7 +180,8 @@ def test_pinned_owner_keys(published, source_env: Path, tmp_path: Path, monkeypa
     with pytest.raises(SignatureError) as e:
         SoppuModelSource(f"{reg.owner}/ad0", api_token=reg.serving_token).download_model_assets()
     assert str(e.value) == (f"soppu adapter alice/ad0: no trusted key for owner 'alice' in the pinned keys dir {keys} "
-                            f"({keys / 'alice.pub'} is missing; add the owner's public key there)")
+                            f"(neither {keys / 'alice.pub'} nor {keys / 'alice'}/*.pub exists; add the owner's public "
+                            "key there)")
     srckit.run("soppu", "keygen", "-o", str(tmp_path / "other.key"))
     shutil.copy(tmp_path / "other.key.pub", keys / "alice.pub")
     with pytest.raises(SignatureError, match=r"^soppu adapter alice/ad0@1: bad signature: "):
