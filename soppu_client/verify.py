@@ -40,6 +40,16 @@ DEFAULT_PROMPTS = [
 ]
 
 
+def exact_match(generated: str, answer: str) -> bool:
+    """The task-accuracy rule: the stripped generation equals the stripped answer."""
+    return generated.strip() == answer.strip()
+
+
+def task_accuracy(generated: list[str], answers: list[str]) -> float:
+    """Fraction of ``generated`` that :func:`exact_match` their answers."""
+    return float(np.mean([exact_match(g, a) for g, a in zip(generated, answers)]))
+
+
 def verify_weights(
     bundle: Bundle, collection: AdapterCollection, *, progress: Callable | None = None
 ) -> tuple[dict, list[ModuleMetrics]]:
@@ -189,10 +199,10 @@ def verify_outputs(
                     greedy_exact_match=float(np.mean([a == b for a, b in zip(gen_orig, gen_comp)])),
                     adapter_changes_output=float(np.mean([a != b for a, b in zip(gen_orig, gen_base)])),
                     task_accuracy_original=(
-                        float(np.mean([g == a.strip() for g, a in zip(gen_orig, answers)])) if has_answers else None
+                        task_accuracy(gen_orig, answers) if has_answers else None
                     ),
                     task_accuracy_compressed=(
-                        float(np.mean([g == a.strip() for g, a in zip(gen_comp, answers)])) if has_answers else None
+                        task_accuracy(gen_comp, answers) if has_answers else None
                     ),
                     examples=[
                         {"prompt": it["prompt"], "original": o, "compressed": c, "base": b}

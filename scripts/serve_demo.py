@@ -1,0 +1,201 @@
+"""The demo bundle served by stock vLLM through the `soppu` resolver (run by `scripts/serve_demo.sh`).
+
+1. compresses `examples/adapters/*` (k=16, as `scripts/demo.sh`) unless `out/demo/bundle` holds them;
+2. task accuracy through PEFT (transformers 4.x, `soppu_client.verify.verify_outputs`), for the
+   original adapters and for their compressed exports, before vLLM starts (2 cores do not hold both);
+3. starts a registry on 127.0.0.1 (temp data dir, owner `demo`), signs and uploads the bundle;
+4. starts vLLM (`.venv-vllm`, `python -m vllm.entrypoints.openai.api_server --enable-lora`,
+   `VLLM_PLUGINS=soppu`) on 127.0.0.1 with the resolver reading that registry;
+5. asks every adapter its held-out prompts (`prompts.json`) over `/v1/chat/completions` (the model's
+   chat template, greedy, temperature 0), scored as `soppu verify` scores them (exact match after
+   stripping); the first request of an adapter is its cold latency (resolve, verify, download,
+   materialize, load, generate), the same request again its warm latency;
+6. prints the table (`--json`: one JSON object instead) and stops what it started.
+
+Runs in the project's `.venv` (the client side and PEFT); vLLM runs in `.venv-vllm`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# The tests' helpers: registry, sign and upload (srckit); vLLM with the soppu plugin (vllmkit).
+from tests.serving import srckit
+from tests.vllm import vllmkit
+
+EXAMPLES = REPO / "examples" / "adapters"
+OWNER = "demo"
+
+
+def log(msg: str) -> None:
+    print(f"[serve_demo] {msg}", file=sys.stderr, flush=True)
+
+
+def adapter_dirs() -> list[Path]:
+    return sorted(p for p in EXAMPLES.iterdir() if (p / "adapter_config.json").is_file())
+
+
+def demo_bundle(tmp: Path, dirs: list[Path], rank: int) -> Path:
+    """A copy of out/demo/bundle when it holds every example adapter, else a fresh compression."""
+    names = {d.name for d in dirs}
+    existing = REPO / "out" / "demo" / "bundle"
+    manifest = existing / "manifest.json"
+    if manifest.is_file() and set(json.loads(manifest.read_text())["adapters"]) >= names:
+        log(f"using {existing.relative_to(REPO)} (copied: signing writes into the bundle)")
+        return Path(shutil.copytree(existing, tmp / "bundle", ignore=shutil.ignore_patterns("signature.json")))
+    log(f"compressing {len(dirs)} example adapters (k={rank}) as scripts/demo.sh does")
+    srckit.run("soppu", "compress", *map(str, dirs), "-o", str(tmp / "bundle"), "--rank", str(rank), "--force")
+    return tmp / "bundle"
+
+
+def peft_accuracy(bundle: Path, dirs: list[Path], max_prompts: int, max_tokens: int) -> dict[str, dict]:
+    from soppu_client.adapters import load_collection
+    from soppu_client.format.bundle import Bundle
+    from soppu_client.verify import verify_outputs
+
+    def progress(items):
+        for item in items:
+            log(f"  PEFT: {item[1].name}")
+            yield item
+
+    checks = verify_outputs(Bundle.open(bundle), load_collection(dirs), "smollm2", max_new_tokens=max_tokens,
+                            max_prompts=max_prompts, progress=progress)
+    return {c.adapter: {"original": c.task_accuracy_original, "compressed": c.task_accuracy_compressed}
+            for c in checks}
+
+
+def ask(server: vllmkit.VllmServer, model: str, prompt: str, max_tokens: int) -> tuple[str, float]:
+    start = time.perf_counter()
+    r = server.chat(model, prompt, max_tokens=max_tokens)
+    elapsed = time.perf_counter() - start
+    if r.status_code != 200:
+        raise RuntimeError(f"{model}: HTTP {r.status_code}: {r.text[:500]}")
+    return r.json()["choices"][0]["message"]["content"], elapsed
+
+
+def vllm_accuracy(server: vllmkit.VllmServer, dirs: list[Path], max_prompts: int, max_tokens: int,
+                  concurrency: int) -> dict[str, dict]:
+    from soppu_client.verify import exact_match, load_prompts
+
+    out = {}
+    for d in dirs:
+        items = load_prompts(d)[:max_prompts]
+        model = f"{OWNER}/{d.name}@1"
+        first, cold = ask(server, model, items[0]["prompt"], max_tokens)
+        again, warm = ask(server, model, items[0]["prompt"], max_tokens)
+        with ThreadPoolExecutor(concurrency) as pool:
+            rest = list(pool.map(lambda it, m=model: ask(server, m, it["prompt"], max_tokens)[0], items[1:]))
+        texts = [first, *rest]
+        hits = [exact_match(t, it["answer"]) for t, it in zip(texts, items)]
+        out[d.name] = {"prompts": len(items), "accuracy": sum(hits) / len(hits), "cold_s": cold, "warm_s": warm,
+                       "deterministic": first == again, "example": {"prompt": items[0]["prompt"], "vllm": first,
+                                                                     "answer": items[0]["answer"]}}
+        log(f"{model}: {sum(hits)}/{len(hits)} correct, cold {cold:.2f} s, warm {warm:.2f} s")
+    return out
+
+
+def fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rank", type=int, default=16, help="k of the bundle when it is compressed here")
+    p.add_argument("--max-prompts", type=int, default=16, help="held-out prompts per adapter (as soppu verify)")
+    p.add_argument("--max-tokens", type=int, default=16, help="generated tokens per prompt (as soppu verify)")
+    p.add_argument("--concurrency", type=int, default=8, help="parallel requests after the cold/warm pair")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (registry data, cache, logs)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = p.parse_args(argv)
+
+    import pytest
+
+    try:
+        python = vllmkit.vllm_python()
+    except pytest.skip.Exception as exc:
+        log(f"cannot serve with vLLM: {exc}")
+        return 2
+    from soppu_client.base_model import ensure_default_model
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally below stops what was started
+    t0 = time.monotonic()
+    dirs = adapter_dirs()
+    tmp = Path(tempfile.mkdtemp(prefix="soppu-serve-demo-"))
+    registry = server = None
+    try:
+        model = ensure_default_model()
+        bundle = demo_bundle(tmp, dirs, args.rank)
+        log("task accuracy through PEFT (original adapters and compressed exports)...")
+        t = time.monotonic()
+        peft = peft_accuracy(bundle, dirs, args.max_prompts, args.max_tokens)
+        peft_s = time.monotonic() - t
+        registry = srckit.start_registry(tmp, owner=OWNER)
+        registry.publish(bundle, version=1)
+        log(f"registry {registry.url}: {OWNER}'s bundle v1 signed and uploaded ({len(dirs)} adapters)")
+        env = {"SOPPU_REGISTRY_URL": registry.url, "SOPPU_REGISTRY_TOKEN": registry.serving_token,
+               "SOPPU_CACHE_DIR": str(tmp / "cache"), "SOPPU_SERVED_BASE_MODEL": srckit.BASE_MODEL}
+        n = len(dirs)
+        server = vllmkit.start_vllm(python, model, port=srckit.free_port(), log=tmp / "vllm.log", env=env,
+                                    extra_args=("--max-loras", str(min(n, 8)), "--max-cpu-loras", str(n)))
+        log(f"vLLM up at {server.url} in {server.started_in:.1f} s (log {tmp / 'vllm.log'})")
+        t = time.monotonic()
+        served = vllm_accuracy(server, dirs, args.max_prompts, args.max_tokens, args.concurrency)
+        vllm_s = time.monotonic() - t
+        result = {
+            "base_model": srckit.BASE_MODEL, "bundle": str(bundle), "max_new_tokens": args.max_tokens,
+            "vllm_startup_s": round(server.started_in, 1), "peft_pass_s": round(peft_s, 1),
+            "vllm_pass_s": round(vllm_s, 1), "total_s": round(time.monotonic() - t0, 1),
+            "adapters": {name: {"prompts": served[name]["prompts"], "peft_original": peft[name]["original"],
+                                "peft_compressed": peft[name]["compressed"], "vllm": served[name]["accuracy"],
+                                "cold_s": round(served[name]["cold_s"], 3), "warm_s": round(served[name]["warm_s"], 3),
+                                "example": served[name]["example"]} for name in served},
+        }
+        if args.json:
+            print(json.dumps(result, indent=2))
+            return 0
+        rows = [[name, a["prompts"], fmt(a["peft_original"]), fmt(a["peft_compressed"]), fmt(a["vllm"]),
+                 f"{a['cold_s']:.2f}", f"{a['warm_s']:.2f}"] for name, a in result["adapters"].items()]
+        mean = lambda key: sum(a[key] for a in result["adapters"].values()) / len(rows)
+        rows.append(["MEAN", "", fmt(mean("peft_original")), fmt(mean("peft_compressed")), fmt(mean("vllm")),
+                     f"{mean('cold_s'):.2f}", f"{mean('warm_s'):.2f}"])
+        print(f"\nTask accuracy (exact match, greedy, {args.max_tokens} new tokens, chat template) and latency of "
+              f"one request (s) through vLLM with the soppu resolver; bundle k={json.loads((bundle / 'manifest.json').read_text())['rank']}")
+        print(table(rows, ["adapter", "prompts", "PEFT orig", "PEFT compressed", "vLLM compressed", "cold s", "warm s"]))
+        print(f"\nPEFT = transformers 4.x + PEFT on the original adapter / its compressed export (batched, "
+              f"soppu verify); vLLM = the compressed adapter fetched by the resolver from the registry.\n"
+              f"cold = first request (resolve, verify, download, materialize, load, generate); warm = the same "
+              f"request again. CPU, relative figures.\n"
+              f"vLLM startup {result['vllm_startup_s']} s; PEFT pass {result['peft_pass_s']} s; vLLM pass "
+              f"{result['vllm_pass_s']} s; total {result['total_s']} s")
+        return 0
+    finally:
+        if server is not None:
+            server.stop()
+        if registry is not None:
+            registry.stop()
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
