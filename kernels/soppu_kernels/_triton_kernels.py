@@ -212,6 +212,32 @@ def core_sgmv_kernel(
             tl.store(g_ptr + rows[:, None] * stride_gt + ii[None, :] * stride_gk, out, mask=m2)
 
 
+@triton.jit
+def _vt_x(x_row, v_base, d_lo, d_hi, stride_xd, stride_vd, stride_vk, kk, kmask,
+          BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Semantics: returns h[kk] = sum_{d_lo <= d < d_hi} V[d, kk] * x[d] (float32, [BLOCK_K]).
+
+    x_row points at one token's x (stride stride_xd), v_base at one basis V [d_in, k]. Products
+    accumulate in a [BLOCK_D, BLOCK_K] register tile reduced once after the loop; x is loaded
+    already broadcast along k, in V's tile layout, so the loop needs no layout change (no barrier).
+    Inlined into each caller (decode shrink, fused decode).
+    """
+    acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=tl.float32)
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        dmask = dd < d_hi
+        xv = tl.load(  # x[dd] broadcast along k: V's tile layout (see module docstring)
+            x_row + dd[:, None] * stride_xd + kk[None, :] * 0,
+            mask=dmask[:, None] & kmask[None, :], other=0.0,
+        ).to(tl.float32)
+        vt = tl.load(
+            v_base + dd[:, None] * stride_vd + kk[None, :] * stride_vk,
+            mask=dmask[:, None] & kmask[None, :], other=0.0,
+        ).to(tl.float32)
+        acc += xv * vt
+    return tl.sum(acc, axis=0)
+
+
 @triton.jit(do_not_specialize=["stride_xd", "stride_vk"])
 def decode_shrink_kernel(
     h_ptr, x_ptr, v_ptr, idx_ptr, coa_ptr,
@@ -243,21 +269,8 @@ def decode_shrink_kernel(
         chunk = tl.cdiv(tl.cdiv(d_in, tl.num_programs(1)), BLOCK_D) * BLOCK_D
         d_lo = pid_d * chunk
         d_hi = tl.minimum(d_in, d_lo + chunk)
-        v_base = v_ptr + c * stride_vc
-        acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=tl.float32)
-        for d0 in range(d_lo, d_hi, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            dmask = dd < d_hi
-            xv = tl.load(  # x[t, dd] broadcast along k: V's tile layout (see module docstring)
-                x_ptr + t * stride_xt + dd[:, None] * stride_xd + kk[None, :] * 0,
-                mask=dmask[:, None] & kmask[None, :], other=0.0,
-            ).to(tl.float32)
-            vt = tl.load(
-                v_base + dd[:, None] * stride_vd + kk[None, :] * stride_vk,
-                mask=dmask[:, None] & kmask[None, :], other=0.0,
-            ).to(tl.float32)
-            acc += xv * vt
-        h = tl.sum(acc, axis=0)
+        h = _vt_x(x_ptr + t * stride_xt, v_ptr + c * stride_vc, d_lo, d_hi, stride_xd, stride_vd, stride_vk,
+                  kk, kmask, BLOCK_D, BLOCK_K)
         h_ptrs = h_ptr + t * stride_ht + kk * stride_hk
         if ATOMIC:
             tl.atomic_add(h_ptrs, h, mask=kmask, sem="relaxed")
@@ -303,21 +316,8 @@ def fused_decode_kernel(
         if H_GIVEN:
             h = tl.load(h_ptr + t * stride_ht + kk * stride_hk, mask=kmask, other=0.0)
         else:
-            v_base = v_ptr + c * stride_vc
-            acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=tl.float32)
-            for d0 in range(0, d_in, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                dmask = dd < d_in
-                xv = tl.load(  # x[t, dd] broadcast along k: V's tile layout (see module docstring)
-                    x_ptr + t * stride_xt + dd[:, None] * stride_xd + kk[None, :] * 0,
-                    mask=dmask[:, None] & kmask[None, :], other=0.0,
-                ).to(tl.float32)
-                vt = tl.load(
-                    v_base + dd[:, None] * stride_vd + kk[None, :] * stride_vk,
-                    mask=dmask[:, None] & kmask[None, :], other=0.0,
-                ).to(tl.float32)
-                acc += xv * vt
-            h = tl.sum(acc, axis=0)
+            h = _vt_x(x_ptr + t * stride_xt, v_ptr + c * stride_vc, 0, d_in, stride_xd, stride_vd, stride_vk,
+                      kk, kmask, BLOCK_D, BLOCK_K)
         s_base = s_ptr + a * stride_sn
         if DIAG:
             g = h * tl.load(s_base + kk * stride_si, mask=kmask, other=0.0).to(tl.float32)
