@@ -27,8 +27,10 @@ import hmac
 import json
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -366,6 +368,12 @@ class RegistryClient:
         return self.read_json("PUT", f"/v1/adapters/{quote(owner)}/{quote(name)}/versions/{version}",
                               ok=(200, 201), json_body={"signature": signature_doc})
 
+    def publish_bundle(self, owner: str, version: int, signature_doc: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """PUT every adapter of a signed bundle in one request; returns (201 some created | 200 all
+        identical, ``{"owner", "version", "base_model", "adapters": {name: "created" | "unchanged"}}``)."""
+        return self.read_json("PUT", f"/v1/bundles/{quote(owner)}/versions/{version}",
+                              ok=(200, 201), json_body={"signature": signature_doc}, fields={"adapters": dict})
+
     def get_version(self, owner: str, name: str, version: int | None = None) -> dict[str, Any]:
         """The version record (a JSON object; its fields are checked by ``fetch.resolve_version``)."""
         path = f"/v1/adapters/{quote(owner)}/{quote(name)}" + (f"/versions/{version}" if version is not None else "")
@@ -410,8 +418,10 @@ class RegistryClient:
         return self.read_json("GET", path, fields={"bases": list})[1]["bases"]
 
     # -- the upload flow ---------------------------------------------------------------------
-    def upload_bundle(self, bundle_dir: Path, *, verify_local: bool = True, progress: bool = False) -> UploadResult:
-        """Upload a signed bundle: missing blobs, then one publish per adapter name.
+    def upload_bundle(self, bundle_dir: Path, *, verify_local: bool = True, progress: bool = False,
+                      jobs: int = 4) -> UploadResult:
+        """Upload a signed bundle: the blobs the registry lacks (``jobs`` at a time), then one batch
+        publish of every adapter (``PUT /v1/bundles/<owner>/versions/<v>``, one transaction).
 
         With ``verify_local`` the bundle is first checked against its own signature.json
         (SignatureError on any tampered, missing or extra file) so nothing broken is sent.
@@ -429,23 +439,45 @@ class RegistryClient:
                 raise SignatureError(f"{bundle_dir / SIGNATURE} has no statement with `files`")
         result = UploadResult(owner=st["owner"], version=st["version"], base_model=st.get("base_model", ""))
         missing = []
-        for f in st["files"]:
+        for f in st["files"]:  # HEAD first: blobs already there (an interrupted upload's) are skipped
             if self.has_blob(f["sha256"]):
                 result.skipped.append(f["path"])
             else:
                 missing.append(f)
         bar = _progress_bar(sum(f["size"] for f in missing), progress)
-        try:
-            for f in missing:
+        lock = threading.Lock()
+
+        def on_bytes(n: int) -> None:
+            with lock:
+                bar.update(n)
+
+        def send(f: dict[str, Any]) -> None:
+            self.put_blob(bundle_dir / f["path"], f["sha256"], f["size"], on_bytes)
+            with lock:
                 bar.set_postfix_str(f["path"], refresh=False)
-                self.put_blob(bundle_dir / f["path"], f["sha256"], f["size"], bar.update)
                 result.uploaded.append(f["path"])
                 result.bytes_uploaded += f["size"]
+
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(missing) or 1))) as pool:
+                futures = [pool.submit(send, f) for f in missing]
+                try:
+                    for fut in as_completed(futures):
+                        fut.result()  # the first failure stops the upload (publish never runs)
+                except BaseException:
+                    for fut in futures:
+                        fut.cancel()
+                    raise
         finally:
             bar.close()
-        for name in st["adapters"]:
-            status, _ = self.publish(st["owner"], name, st["version"], doc)
-            result.adapters[name] = "created" if status == 201 else "unchanged"
+        result.uploaded.sort(key=[f["path"] for f in missing].index)
+        _, body = self.publish_bundle(st["owner"], st["version"], doc)
+        adapters = body["adapters"]
+        if sorted(adapters) != sorted(st["adapters"]):
+            url = f"{self.base_url}/v1/bundles/{quote(st['owner'])}/versions/{st['version']}"
+            raise RegistryError(f"PUT {url}: the registry's answer lists adapters {sorted(adapters)}, "
+                                f"not the bundle's {st['adapters']}", code="bad_response", url=url)
+        result.adapters = {name: "created" if adapters[name] == "created" else "unchanged" for name in st["adapters"]}
         return result
 
 

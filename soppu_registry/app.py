@@ -6,6 +6,8 @@
                                                      it: 200 + size; anyone else gets the absent blob's 404
     GET  /v1/blobs/sha256:<hex>                      same rule as HEAD
     PUT  /v1/adapters/<owner>/<name>/versions/<v>    owner-write; {"signature": <signature.json>}
+    PUT  /v1/bundles/<owner>/versions/<v>            owner-write; same body; every adapter of the bundle in
+                                                     one transaction (all or nothing)
     GET  /v1/adapters/<owner>/<name>[/versions/<v>]  owner read/write or serving-read
     GET  /v1/adapters/<owner>/<name>/versions        list of published version numbers
     GET  /v1/keys/<owner>                            any valid token; active and rotated keys

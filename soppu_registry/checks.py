@@ -42,9 +42,10 @@ def _refusal(e: SignatureError, statement: Any, key_id: str) -> ApiError:
     return _bad(code, str(e), _STATUS[code])
 
 
-def check_signature(store: Storage, doc: Any, owner: str, name: str, version: int) -> dict[str, Any]:
+def check_signature(store: Storage, doc: Any, owner: str, name: str | None, version: int) -> dict[str, Any]:
     """Key (registered, ``owner``'s, active), then ``signing.verify_statement`` against it with the
-    URL's owner, name and version; returns the verified statement (its ``files`` sorted, safe,
+    URL's owner, name (None for a batch publish: every adapter of the statement) and version;
+    returns the verified statement (its ``files`` sorted, safe,
     including manifest.json). Failures are 403 (400 for a malformed request or statement)."""
     if not isinstance(doc, dict) or not isinstance(doc.get("statement"), dict) or not isinstance(doc.get("key_id"), str):
         raise _bad("bad_request", "body must be {\"signature\": <signature.json>} with `statement` and `key_id`")
@@ -89,7 +90,7 @@ HEADER_BYTES_PER_TENSOR = 256
 escapes): ``{"dtype":"BF16","shape":[d,k],"data_offsets":[a,b]}`` with 19-digit numbers is ~110."""
 
 
-def check_manifest(store: Storage, st: dict[str, Any], files: list[dict[str, Any]], name: str) -> Manifest:
+def check_manifest(store: Storage, st: dict[str, Any], files: list[dict[str, Any]], name: str | None) -> Manifest:
     """The manifest.json blob agrees with the statement (``signing.check_manifest``); 400 ``bad_manifest``.
     Its size (MAX_MANIFEST_BYTES) and JSON depth are bounded before it is parsed."""
     entry = next(f for f in files if f["path"] == MANIFEST)  # verify_statement requires it

@@ -477,26 +477,43 @@ class Storage:
         Raises ApiError 409 ``conflict`` (same version, other files) or ``rollback``
         (a version not above the latest, with files not already published as it).
         """
+        return self.publish_bundle(owner, [name], version, base_model, signature_doc, files)[name]
+
+    def publish_bundle(self, owner: str, names: list[str], version: int, base_model: str,
+                       signature_doc: dict[str, Any], files: list[dict[str, Any]]) -> dict[str, int]:
+        """Insert the checked version of every adapter in ``names`` in ONE transaction; returns
+        name -> 201 (new) or 200 (identical). All or nothing: the first 409 ``conflict`` /
+        ``rollback`` (or a blob gc removed since the checks) rolls back every row of the batch."""
         ident = files_digest(files)
         with self.tx() as db:
-            row = db.execute("SELECT files_digest FROM versions WHERE owner=? AND name=? AND version=?",
-                             (owner, name, version)).fetchone()
-            if row is not None:
-                if row["files_digest"] == ident:
-                    return 200
-                raise ApiError(409, "conflict", f"{owner}/{name} version {version} is already published with other content")
-            latest = db.execute("SELECT MAX(version) AS v FROM versions WHERE owner=? AND name=?", (owner, name)).fetchone()["v"]
-            if latest is not None and version <= latest:
-                raise ApiError(409, "rollback", f"{owner}/{name} version {version} is not above the latest published version {latest}")
+            out = {name: self._version_status(db, owner, name, version, ident) for name in names}
+            if 201 not in out.values():
+                return out
             for f in files:  # gc may have removed a blob or a claim since check_blobs: re-check inside the tx
                 if not _owns(db, owner, f["sha256"]) or self.blob_size(f["sha256"]) != int(f["size"]):
                     raise ApiError(400, "missing_blob", f"{f['path']} (sha256:{f['sha256']}) was not uploaded")
-            db.execute("INSERT INTO versions(owner,name,version,base_model,files_digest,signature,files,published_at) "
-                       "VALUES (?,?,?,?,?,?,?,?)",
-                       (owner, name, version, base_model, ident, json.dumps(signature_doc, sort_keys=True),
-                        json.dumps(files), utcnow()))
-            db.executemany("INSERT INTO version_files(owner,name,version,path,sha256,size) VALUES (?,?,?,?,?,?)",
-                           [(owner, name, version, f["path"], f["sha256"], int(f["size"])) for f in files])
+            published_at, sig = utcnow(), json.dumps(signature_doc, sort_keys=True)
+            for name in (n for n, status in out.items() if status == 201):
+                db.execute("INSERT INTO versions(owner,name,version,base_model,files_digest,signature,files,published_at) "
+                           "VALUES (?,?,?,?,?,?,?,?)",
+                           (owner, name, version, base_model, ident, sig, json.dumps(files), published_at))
+                db.executemany("INSERT INTO version_files(owner,name,version,path,sha256,size) VALUES (?,?,?,?,?,?)",
+                               [(owner, name, version, f["path"], f["sha256"], int(f["size"])) for f in files])
+        return out
+
+    @staticmethod
+    def _version_status(db: sqlite3.Connection, owner: str, name: str, version: int, ident: str) -> int:
+        """200 if this exact version is published with these files, 201 if it may be inserted;
+        else 409 ``conflict`` (same version, other files) or ``rollback`` (not above the latest)."""
+        row = db.execute("SELECT files_digest FROM versions WHERE owner=? AND name=? AND version=?",
+                         (owner, name, version)).fetchone()
+        if row is not None:
+            if row["files_digest"] == ident:
+                return 200
+            raise ApiError(409, "conflict", f"{owner}/{name} version {version} is already published with other content")
+        latest = db.execute("SELECT MAX(version) AS v FROM versions WHERE owner=? AND name=?", (owner, name)).fetchone()["v"]
+        if latest is not None and version <= latest:
+            raise ApiError(409, "rollback", f"{owner}/{name} version {version} is not above the latest published version {latest}")
         return 201
 
     def get_version(self, owner: str, name: str, version: int | None = None) -> dict[str, Any] | None:

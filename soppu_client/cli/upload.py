@@ -28,15 +28,19 @@ __all__ = ["COMMANDS", "bases", "rotate_key_proof", "upload"]
 @token_option("Owner-write token")
 @click.option("--retries", default=5, show_default=True, type=click.IntRange(min=0),
               help="Extra attempts per request on connection errors, 5xx and 429.")
+@click.option("--jobs", "-j", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Blobs uploaded in parallel.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a TTY).")
 @json_option
-def upload(bundle: Path, registry: str, token: str, retries: int, progress: bool | None, as_json: bool) -> None:
-    """Upload a signed BUNDLE: only blobs the registry lacks, then publish each adapter."""
+def upload(bundle: Path, registry: str, token: str, retries: int, jobs: int, progress: bool | None,
+           as_json: bool) -> None:
+    """Upload a signed BUNDLE: only blobs the registry lacks (--jobs at a time; a re-run resumes),
+    then publish every adapter in one request (all or nothing)."""
     with reporting(as_json):
         if not bundle.is_dir():
             raise InputError(f"bundle {bundle} is not a directory")
         client = RegistryClient(registry, token, retries=retries)
-        res = client.upload_bundle(bundle, progress=sys.stderr.isatty() if progress is None else progress)
+        res = client.upload_bundle(bundle, jobs=jobs, progress=sys.stderr.isatty() if progress is None else progress)
         emit(as_json, {"registry": client.base_url, **res.as_dict()},
              "\n".join(f"published {res.owner}/{name}@{res.version} ({status})" for name, status in res.adapters.items()))
         if not as_json:

@@ -1,7 +1,8 @@
-"""/v1/adapters/<owner>/<name>: publish a signed version (PUT), read versions (GET).
+"""/v1/adapters/<owner>/<name>: publish a signed version (PUT), read versions (GET);
+/v1/bundles/<owner>/versions/<v>: publish every adapter of a signed bundle at once (PUT).
 
-A publish runs every check of ``soppu_registry.checks`` in order, then inserts the version in one
-transaction: 201 new, 200 identical re-publish, 409 ``rollback`` / ``conflict``.
+A publish runs every check of ``soppu_registry.checks`` in order, then inserts the version(s) in one
+transaction: 201 new, 200 identical re-publish, 409 ``rollback`` / ``conflict`` (a batch: nothing inserted).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from soppu_client.format.refs import AdapterRef
 from soppu_registry import checks
 from soppu_registry.auth import Principal
 from soppu_registry.bodies import INT64_MAX, body_chunks, loads_bounded, refuse_declared_over
-from soppu_registry.deps import AdapterPath, Caller, RegistryState, State
+from soppu_registry.deps import AdapterPath, Caller, OwnerPath, RegistryState, State
 from soppu_registry.errors import ApiError
 
 router = APIRouter(tags=["adapters"])
@@ -50,21 +51,52 @@ async def version_path(version: Annotated[str, Path(
 VersionPath = Annotated[int, Depends(version_path)]
 
 
-def _publish_checked(state: RegistryState, ref: AdapterRef, version: int, body: bytearray) -> JSONResponse:
+def _checked_statement(state: RegistryState, owner: str, name: str | None, version: int,
+                       body: bytearray) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every publish check of ``soppu_registry.checks``, in order, once for the signed bundle
+    (``name``: the one adapter the URL names; None: the batch publish, every adapter of the
+    statement). Returns (signature document, verified statement)."""
     doc = loads_bounded(body, "publish body")
     if not isinstance(doc, dict) or "signature" not in doc:
         raise ApiError(400, "bad_request", "body must be {\"signature\": <signature.json>}")
-    store, owner, name, sig = state.store, ref.owner, ref.name, doc["signature"]
+    store, sig = state.store, doc["signature"]
     st = checks.check_signature(store, sig, owner, name, version)
     files = st["files"]
     checks.check_blobs(store, files, owner)
     manifest = checks.check_manifest(store, st, files, name)
     checks.check_rank(manifest, state.config.max_rank)
     state.safetensors.check(store, files, manifest)
-    status = store.publish(owner, name, version, str(st["base_model"]), sig, files)
-    stored = store.get_version(owner, name, version)
+    return sig, st
+
+
+def _publish_checked(state: RegistryState, ref: AdapterRef, version: int, body: bytearray) -> JSONResponse:
+    sig, st = _checked_statement(state, ref.owner, ref.name, version, body)
+    status = state.store.publish(ref.owner, ref.name, version, str(st["base_model"]), sig, st["files"])
+    stored = state.store.get_version(ref.owner, ref.name, version)
     assert stored is not None  # just inserted or identical; versions are never deleted
     return JSONResponse(version_view(stored), status_code=status)
+
+
+def _publish_bundle_checked(state: RegistryState, owner: str, version: int, body: bytearray) -> JSONResponse:
+    sig, st = _checked_statement(state, owner, None, version, body)
+    statuses = state.store.publish_bundle(owner, list(st["adapters"]), version, str(st["base_model"]), sig, st["files"])
+    return JSONResponse({"owner": owner, "version": version, "base_model": st["base_model"],
+                         "adapters": {n: "created" if s == 201 else "unchanged" for n, s in statuses.items()}},
+                        status_code=201 if 201 in statuses.values() else 200)
+
+
+async def _publish_body(caller: Principal, owner: str, state: RegistryState, request: Request) -> bytearray:
+    """Authorize from the headers, then read the body under ``max_publish_bytes`` / ``body_idle_timeout``."""
+    if not caller.can_write(owner):
+        raise ApiError(403, "forbidden", f"publishing to owner {owner!r} needs that owner's owner-write token")
+    cap, idle = state.config.max_publish_bytes, state.config.body_idle_timeout
+    refuse_declared_over(request, cap, "publish body")
+    body = bytearray()
+    async for chunk in body_chunks(request, idle, "publish body"):
+        body += chunk
+        if len(body) > cap:
+            raise ApiError(413, "too_large", f"publish body exceeds the limit of {cap} bytes")
+    return body
 
 
 @router.put("/v1/adapters/{owner}/{name}/versions/{version}", status_code=201, openapi_extra=PUBLISH_BODY_SCHEMA)
@@ -75,16 +107,19 @@ async def publish(ref: AdapterPath, version: VersionPath, caller: Caller, state:
     The caller is authorized from the headers before any of the body is read; a declared
     Content-Length over ``max_publish_bytes`` is 413 at once, a longer body 413 while reading,
     a stalled one 408 after ``body_idle_timeout``."""
-    if not caller.can_write(ref.owner):
-        raise ApiError(403, "forbidden", f"publishing to owner {ref.owner!r} needs that owner's owner-write token")
-    cap, idle = state.config.max_publish_bytes, state.config.body_idle_timeout
-    refuse_declared_over(request, cap, "publish body")
-    body = bytearray()
-    async for chunk in body_chunks(request, idle, "publish body"):
-        body += chunk
-        if len(body) > cap:
-            raise ApiError(413, "too_large", f"publish body exceeds the limit of {cap} bytes")
+    body = await _publish_body(caller, ref.owner, state, request)
     return await run_in_threadpool(_publish_checked, state, ref, version, body)
+
+
+@router.put("/v1/bundles/{owner}/versions/{version}", status_code=201, openapi_extra=PUBLISH_BODY_SCHEMA)
+async def publish_bundle(owner: OwnerPath, version: VersionPath, caller: Caller, state: State,
+                         request: Request) -> JSONResponse:
+    """Batch publish: every adapter of the signed bundle in ONE transaction, after the same checks
+    as the per-adapter publish (run once for the bundle). 201 if any adapter was created, 200 if
+    all were identical re-publishes; the body lists each adapter as "created" or "unchanged".
+    All or nothing: if any adapter would be a 409 rollback/conflict, no version becomes visible."""
+    body = await _publish_body(caller, owner, state, request)
+    return await run_in_threadpool(_publish_bundle_checked, state, owner, version, body)
 
 
 def _check_readable(caller: Principal, owner: str) -> None:

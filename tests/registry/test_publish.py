@@ -69,7 +69,8 @@ def test_rollback_and_conflict_are_409(registry: Registry, owner: Owner) -> None
     with pytest.raises(RegistryError) as e:
         client.upload_bundle(owner.bundle(registry.tmpdir("v5b"), 5, seed=3))
     assert (e.value.status, e.value.code) == (409, "conflict")
-    assert e.value.url and e.value.url.endswith(f"/v1/adapters/{owner.name}/alpha/versions/5")
+    assert e.value.url and e.value.url.endswith(f"/v1/bundles/{owner.name}/versions/5")  # one batch publish
+    assert f"{owner.name}/alpha version 5" in str(e.value)
     assert client.get_version(owner.name, "alpha")["version"] == 5
     assert client.list_versions(owner.name, "alpha") == [5]
 
