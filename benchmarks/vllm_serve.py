@@ -37,9 +37,9 @@ import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import requests
@@ -54,7 +54,7 @@ from tests.vllm import vllmkit
 
 sys.path.insert(0, str(REPO / "scripts"))
 # out/demo/bundle if it holds the examples, else compressed here
-from serve_demo import demo_bundle
+from serve_demo import demo_bundle, scratch_dir, served_through_vllm
 
 EXAMPLES = REPO / "examples" / "adapters"
 OWNER = "bench"
@@ -155,23 +155,17 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below stops the servers
     t0 = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix="soppu-vllm-bench-"))
-    registry = server = None
-    try:
+    with ExitStack() as stack:
+        tmp = stack.enter_context(scratch_dir("soppu-vllm-bench-", args.keep))
         model = ensure_default_model()
         total = n_lat + 1 + sum(ns)
         log(f"{total} synthetic adapters: perturbed examples projected onto the demo bundle's basis (k={args.rank})")
         t = time.monotonic()
         bundle, names = synthetic_bundle(tmp, total, args.rank)
         build_s = time.monotonic() - t
-        registry = srckit.start_registry(tmp, owner=OWNER)
-        registry.publish(bundle, version=1)
         refs = [f"{OWNER}/{n}@1" for n in names]
-        env = {"SOPPU_REGISTRY_URL": registry.url, "SOPPU_REGISTRY_TOKEN": registry.serving_token,
-               "SOPPU_CACHE_DIR": str(tmp / "cache"), "SOPPU_SERVED_BASE_MODEL": srckit.BASE_MODEL}
         server_args = ("--max-num-seqs", str(conc), "--max-loras", str(conc), "--max-cpu-loras", str(max(total, conc)))
-        server = vllmkit.start_vllm(python, model, port=srckit.free_port(), log=tmp / "vllm.log", env=env,
-                                    extra_args=server_args)
+        _, server = stack.enter_context(served_through_vllm(tmp, bundle, python, model, server_args, owner=OWNER))
         url = server.url
         log(f"vLLM up in {server.started_in:.1f} s; warming up the base model")
         run_pass(url, [vllmkit.SERVED_NAME] * conc, prompt_mix(conc), max_tokens, conc)
@@ -235,15 +229,6 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(result, indent=2))
         return 0
-    finally:
-        if server is not None:
-            server.stop()
-        if registry is not None:
-            registry.stop()
-        if args.keep:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +43,40 @@ OWNER = "demo"
 
 def log(msg: str) -> None:
     print(f"[serve_demo] {msg}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def scratch_dir(prefix: str, keep: bool) -> Iterator[Path]:
+    """A temp dir for registry data, cache and logs; removed at the end unless ``keep``."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield tmp
+    finally:
+        if keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def served_through_vllm(tmp: Path, bundle: Path, python: Path, model: Path, extra_args: tuple[str, ...],
+                        owner: str = OWNER) -> Iterator[tuple[srckit.Registry, vllmkit.VllmServer]]:
+    """A registry on loopback with ``bundle`` signed and published as ``owner``'s v1, and a vLLM server
+    with the soppu resolver reading from it; both are stopped when the block ends, however it ends."""
+    registry = server = None
+    try:
+        registry = srckit.start_registry(tmp, owner=owner)
+        registry.publish(bundle, version=1)
+        env = {"SOPPU_REGISTRY_URL": registry.url, "SOPPU_REGISTRY_TOKEN": registry.serving_token,
+               "SOPPU_CACHE_DIR": str(tmp / "cache"), "SOPPU_SERVED_BASE_MODEL": srckit.BASE_MODEL}
+        server = vllmkit.start_vllm(python, model, port=srckit.free_port(), log=tmp / "vllm.log", env=env,
+                                    extra_args=extra_args)
+        yield registry, server
+    finally:
+        if server is not None:
+            server.stop()
+        if registry is not None:
+            registry.stop()
 
 
 def adapter_dirs() -> list[Path]:
@@ -138,27 +174,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally below stops what was started
     t0 = time.monotonic()
     dirs = adapter_dirs()
-    tmp = Path(tempfile.mkdtemp(prefix="soppu-serve-demo-"))
-    registry = server = None
-    try:
+    with scratch_dir("soppu-serve-demo-", args.keep) as tmp:
         model = ensure_default_model()
         bundle = demo_bundle(tmp, dirs, args.rank)
         log("task accuracy through PEFT (original adapters and compressed exports)...")
         t = time.monotonic()
         peft = peft_accuracy(bundle, dirs, args.max_prompts, args.max_tokens)
         peft_s = time.monotonic() - t
-        registry = srckit.start_registry(tmp, owner=OWNER)
-        registry.publish(bundle, version=1)
-        log(f"registry {registry.url}: {OWNER}'s bundle v1 signed and uploaded ({len(dirs)} adapters)")
-        env = {"SOPPU_REGISTRY_URL": registry.url, "SOPPU_REGISTRY_TOKEN": registry.serving_token,
-               "SOPPU_CACHE_DIR": str(tmp / "cache"), "SOPPU_SERVED_BASE_MODEL": srckit.BASE_MODEL}
         n = len(dirs)
-        server = vllmkit.start_vllm(python, model, port=srckit.free_port(), log=tmp / "vllm.log", env=env,
-                                    extra_args=("--max-loras", str(min(n, 8)), "--max-cpu-loras", str(n)))
-        log(f"vLLM up at {server.url} in {server.started_in:.1f} s (log {tmp / 'vllm.log'})")
-        t = time.monotonic()
-        served = vllm_accuracy(server, dirs, args.max_prompts, args.max_tokens, args.concurrency)
-        vllm_s = time.monotonic() - t
+        with served_through_vllm(tmp, bundle, python, model,
+                                 ("--max-loras", str(min(n, 8)), "--max-cpu-loras", str(n))) as (registry, server):
+            log(f"registry {registry.url}: {OWNER}'s bundle v1 signed and uploaded ({n} adapters); "
+                f"vLLM up at {server.url} in {server.started_in:.1f} s (log {tmp / 'vllm.log'})")
+            t = time.monotonic()
+            served = vllm_accuracy(server, dirs, args.max_prompts, args.max_tokens, args.concurrency)
+            vllm_s = time.monotonic() - t
         result = {
             "base_model": srckit.BASE_MODEL, "bundle": str(bundle), "max_new_tokens": args.max_tokens,
             "vllm_startup_s": round(server.started_in, 1), "peft_pass_s": round(peft_s, 1),
@@ -186,15 +216,6 @@ def main(argv: list[str] | None = None) -> int:
               f"vLLM startup {result['vllm_startup_s']} s; PEFT pass {result['peft_pass_s']} s; vLLM pass "
               f"{result['vllm_pass_s']} s; total {result['total_s']} s")
         return 0
-    finally:
-        if server is not None:
-            server.stop()
-        if registry is not None:
-            registry.stop()
-        if args.keep:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
