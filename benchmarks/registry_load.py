@@ -8,9 +8,14 @@ audit re-reads every acknowledged version: signature document identical, signatu
 owner's registered key, every blob's sha256 equal to the acknowledged statement's.
 
     python benchmarks/registry_load.py --concurrency 8 --duration 10
+    python benchmarks/registry_load.py --backend postgres+s3 --replicas 2 ...
     python benchmarks/registry_load.py --url http://127.0.0.1:8080 --data DIR ...   (existing server)
 
-Without --url it starts `soppu-registry serve --rate 0` on a temporary data dir.
+Without --url it starts `soppu-registry serve --rate 0` itself: on a temporary data dir
+(``--backend sqlite+dir``), or, for ``--backend postgres+s3``, ``--replicas`` N processes sharing one
+throwaway PostgreSQL database and one SeaweedFS bucket (soppu_registry.devservices, started and
+stopped by the benchmark). Each client sends its operations to the replicas in turn (round-robin),
+so a version uploaded through one replica is fetched and audited through others.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import requests
 from safetensors.numpy import save_file
 
 from soppu_registry.auth import issue_token
+from soppu_registry.devservices import Services
 from soppu_registry.storage import Storage
 from soppu_client.format import signing
 from soppu_client.format.errors import SoppuError
@@ -99,11 +105,15 @@ class Worker:
     version: int = 0
 
 
-def run_worker(w: Worker, url: str, deadline: float, modules: dict[str, tuple[int, int]], rank: int, seed: int) -> None:
+def run_worker(w: Worker, urls: list[str], deadline: float, modules: dict[str, tuple[int, int]], rank: int,
+               seed: int) -> None:
     rng = np.random.default_rng(seed)
     rnd = random.Random(seed)
-    client = RegistryClient(url, w.token, retries=3, session=TimedSession(w.latencies))
+    clients = [RegistryClient(url, w.token, retries=3, session=TimedSession(w.latencies)) for url in urls]
+    op = seed
     while time.monotonic() < deadline:
+        op += 1
+        client = clients[op % len(clients)]  # round-robin over the replicas
         try:
             if not w.acked or rnd.random() < 0.5:
                 root, adapters = w.bundles[rnd.randrange(len(w.bundles))]
@@ -124,15 +134,18 @@ def run_worker(w: Worker, url: str, deadline: float, modules: dict[str, tuple[in
             w.errors.append(f"{type(e).__name__}: {e}"[:300])
 
 
-def audit(url: str, workers: list[Worker], serving_token: str) -> dict[str, Any]:
-    """Every acknowledged version, re-read: same signature doc, valid signature, every blob's digest."""
-    client = RegistryClient(url, serving_token)
+def audit(urls: list[str], workers: list[Worker], serving_token: str) -> dict[str, Any]:
+    """Every acknowledged version, re-read (through the replicas in turn): same signature doc,
+    valid signature, every blob's digest."""
+    clients = [RegistryClient(url, serving_token) for url in urls]
+    client = clients[0]
     ok = failed = blobs = 0
     problems: list[str] = []
     seen_blobs: set[str] = set()
     for w in workers:
         keys = [k["public_key"] for k in client.get_keys(w.owner) if k["status"] == "active"]
-        for name, version, doc in w.acked:
+        for i, (name, version, doc) in enumerate(w.acked):
+            client = clients[i % len(clients)]
             try:
                 got = client.get_version(w.owner, name, version)
                 assert got["signature"] == doc, "signature document differs"
@@ -169,29 +182,45 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=2, help="adapters per bundle")
     ap.add_argument("--modules", type=int, default=4, help="modules per bundle (576x576, like q_proj)")
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--backend", choices=["sqlite+dir", "postgres+s3"], default="sqlite+dir",
+                    help="storage of the registry the benchmark starts")
+    ap.add_argument("--replicas", type=int, default=1, help="registry processes (postgres+s3 only for more than 1)")
     ap.add_argument("--url", default=None, help="existing registry (needs --data for admin)")
     ap.add_argument("--data", default=None, help="data dir of the registry (admin: owners, keys, tokens)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.replicas < 1 or (args.replicas > 1 and args.backend != "postgres+s3") or (args.url and args.replicas > 1):
+        ap.error("--replicas N > 1 needs --backend postgres+s3 (sqlite+dir is one process per data dir) and no --url")
 
     tmp = Path(tempfile.mkdtemp(prefix="soppu-regload-"))
     data = Path(args.data) if args.data else tmp / "data"
-    proc = None
+    procs: list[subprocess.Popen[bytes]] = []
+    services = None
     try:
-        url = args.url
-        if url is None:
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
+        urls = [args.url] if args.url else []
+        storage_args: list[list[str]] = [["--data", str(data)]]
+        if args.url is None and args.backend == "postgres+s3":
+            services = Services(tmp / "services").start()  # also exports the S3 credentials
+            loc = services.fresh("regload")
+            storage_args = [["--data", str(tmp / f"replica{i}"), *loc.args()] for i in range(args.replicas)]
+            store = Storage(tmp / "admin", database=loc.database, blobs=loc.blobs)
+        else:
+            store = None
+        if args.url is None:
             exe = Path(sys.executable).with_name("soppu-registry")
-            proc = subprocess.Popen([str(exe), "serve", "--data", str(data), "--port", str(port), "--rate", "0"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for _ in range(300):
-                try:
-                    requests.get(url + "/healthz", timeout=1)
-                    break
-                except requests.ConnectionError:
-                    time.sleep(0.1)
-        store = Storage(data)
+            for sargs in storage_args:
+                port = free_port()
+                urls.append(f"http://127.0.0.1:{port}")
+                procs.append(subprocess.Popen([str(exe), "serve", *sargs, "--port", str(port), "--rate", "0"],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            for url in urls:
+                for _ in range(300):
+                    try:
+                        requests.get(url + "/healthz", timeout=1)
+                        break
+                    except requests.ConnectionError:
+                        time.sleep(0.1)
+        store = store or Storage(data)
         _, serving = issue_token(store, None, ["serving-read"], "registry_load")
         modules = {f"model.layers.{i}.self_attn.q_proj": (576, 576) for i in range(args.modules)}
         rng = np.random.default_rng(args.seed)
@@ -215,7 +244,7 @@ def main() -> None:
             workers.append(Worker(owner, token, signing.load_private_key(priv), bundles))
         deadline = time.monotonic() + args.duration
         t0 = time.perf_counter()
-        threads = [threading.Thread(target=run_worker, args=(w, url, deadline, modules, args.rank, args.seed + i))
+        threads = [threading.Thread(target=run_worker, args=(w, urls, deadline, modules, args.rank, args.seed + i))
                    for i, w in enumerate(workers)]
         for t in threads:
             t.start()
@@ -228,7 +257,8 @@ def main() -> None:
             "benchmark": "registry_load",
             "config": {"concurrency": args.concurrency, "duration_s": args.duration, "bundles_per_client": args.bundles,
                        "adapters_per_bundle": args.adapters, "modules": args.modules, "rank": args.rank,
-                       "bundle_bytes": bundle_bytes, "server": "external" if args.url else "soppu-registry serve --rate 0"},
+                       "bundle_bytes": bundle_bytes, "server": "external" if args.url else "soppu-registry serve --rate 0",
+                       "backend": store.backend, "replicas": len(urls)},
             "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
             "elapsed_s": round(elapsed, 3),
             "requests": len(lat),
@@ -239,13 +269,16 @@ def main() -> None:
             "versions_acknowledged": sum(len(w.acked) for w in workers),
             "errors": sum(len(w.errors) for w in workers),
             "error_samples": [e for w in workers for e in w.errors][:3],
-            "audit": audit(url, workers, serving),
+            "audit": audit(urls, workers, serving),
         }
         print(json.dumps(result))
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.terminate()
+        for proc in procs:
             proc.wait(10)
+        if services is not None:
+            services.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

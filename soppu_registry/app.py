@@ -44,7 +44,7 @@ ERROR_STATUSES = {
     400: "malformed path, header or body", 401: "missing or unknown token", 403: "token may not do this",
     404: "not found, or not visible to this token", 408: "request body stalled (body_idle_timeout)",
     409: "rollback or conflicting version", 413: "body, blob or quota over its limit",
-    429: "rate limited (Retry-After)", 503: "too many open connections",
+    429: "rate limited (Retry-After)", 503: "too many open connections, or retry (a concurrent gc took the blob)",
 }
 """Error statuses documented on every operation (each answers the ``Error`` schema)."""
 PATH_PATTERNS = {"digest": DIGEST_RE.pattern, "owner": OWNER_RE.pattern, "name": ADAPTER_NAME_RE.pattern}

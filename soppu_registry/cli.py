@@ -1,5 +1,11 @@
-"""`soppu-registry`: run the registry and administer its data dir.
+"""`soppu-registry`: run the registry and administer its state.
 
+Every command takes the state's location: ``--data DIR`` (sqlite+dir, the default), or
+``--database postgresql://... --blobs s3://BUCKET?endpoint=...`` (postgres+s3, shared by replicas;
+S3 credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_REGION; ``--data`` is then
+optional scratch for partial uploads). Written ``--data DIR`` below.
+
+    soppu-registry init --data DIR                   create the schema (and the bucket if absent)
     soppu-registry serve --data DIR [--host 127.0.0.1] [--port 8080] [--max-blob-bytes N]
                          [--rate R] [--burst B] [--max-auth-failures N] [--max-unpublished-bytes N]
                          [--max-publish-bytes N] [--max-rank K] [--header-timeout S]
@@ -16,8 +22,8 @@ Every command takes ``--json`` (one JSON object on stdout, ``{"ok": false, "erro
 failure) and follows soppu_client.format.reporting: failures print ``error: ...`` on stderr and
 exit 1 (refused: 403, 409, ...) or 2 (bad input: 400, unknown owner or token).
 
-Admin commands open the SQLite database directly (safe while a server runs: WAL mode), so a
-revoked token stops working on its next request.
+Admin commands open the database directly (safe while servers run: SQLite WAL mode, or PostgreSQL
+with the same write lock the servers take), so a revoked token stops working on its next request.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ import base64
 import binascii
 import json
 import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import wraps
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +48,64 @@ from soppu_registry.auth import SCOPES, issue_token
 from soppu_registry.errors import ApiError
 from soppu_registry.storage import Storage
 
-data_option = click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-                           help="Registry data directory (SQLite database and blobs).")
+
+@dataclass(frozen=True)
+class Location:
+    """Where a registry's state lives: ``--data`` and/or ``--database`` + ``--blobs``."""
+
+    data_dir: Path | None
+    database: str | None
+    blobs: str | None
+
+    def check(self) -> None:
+        if self.data_dir is None and (self.database is None or self.blobs is None):
+            raise InputError("give --data DIR (sqlite+dir), or --database postgresql://... and --blobs s3://... (postgres+s3)")
 
 
-def _open(data_dir: Path) -> Storage:
-    """The data dir's Storage; an unusable path is bad input (exit 2), not a traceback."""
+def _service_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError, sqlite3.Error, ValueError]
     try:
-        return Storage(data_dir)
-    except (OSError, sqlite3.Error) as e:
-        raise InputError(f"cannot open registry data directory {data_dir}: {e}; check --data") from None
+        import psycopg
+        errors.append(psycopg.Error)
+    except ImportError:
+        pass
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+        errors += [BotoCoreError, ClientError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _open(loc: Location, *, create_bucket: bool = False) -> Storage:
+    """The location's Storage; an unusable path, a bad URL or an unreachable service is bad input
+    (exit 2) with a one-line message, not a traceback."""
+    loc.check()
+    try:
+        return Storage(loc.data_dir, database=loc.database, blobs=loc.blobs, create_bucket=create_bucket)
+    except _service_errors() as e:
+        what = f"registry data directory {loc.data_dir}" if loc.database is None and loc.blobs is None else "registry storage"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(f"cannot open {what}: {first}; check --data / --database / --blobs") from None
+
+
+def storage_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Add --data, --database, --blobs; the command receives them as ``loc: Location``."""
+    @click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+                  help="Registry data directory: SQLite database and blobs (sqlite+dir); with --database "
+                       "and --blobs only this process's partial uploads and cache.")
+    @click.option("--database", default=None, envvar="SOPPU_REGISTRY_DATABASE", show_envvar=True,
+                  help="postgresql://user:password@host:port/dbname: shared metadata (postgres+s3).")
+    @click.option("--blobs", default=None, envvar="SOPPU_REGISTRY_BLOBS", show_envvar=True,
+                  help="s3://BUCKET[/PREFIX]?endpoint=http://HOST:PORT: shared blob store; credentials "
+                       "from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_REGION.")
+    @wraps(f)
+    def wrapper(*args: Any, data_dir: Path | None, database: str | None, blobs: str | None, **kw: Any) -> Any:
+        return f(*args, loc=Location(data_dir, database, blobs), **kw)
+    return wrapper
+
+
+data_option = storage_options
 
 
 def _raw_b64(pub: Any) -> str:
@@ -90,10 +147,11 @@ def main() -> None:
                    "else gets 503. Needs this + 2 x min(this, 128) + 64 open files (`ulimit -n`).")
 @click.option("--log-level", default="warning", show_default=True)
 @json_option
-def serve(data_dir: Path, host: str, port: int, max_blob_bytes: int, rate: float, burst: float,
+def serve(loc: Location, host: str, port: int, max_blob_bytes: int, rate: float, burst: float,
           max_auth_failures: int, max_unpublished_bytes: int, log_level: str, as_json: bool,
           **limits: Any) -> None:
-    """Serve the registry API over HTTP (one process per data dir). ``limits``: the connection,
+    """Serve the registry API over HTTP: one process per data dir (sqlite+dir), or any number of
+    stateless replicas sharing --database and --blobs (postgres+s3). ``limits``: the connection,
     time, body and rank limits, passed to RegistryConfig under the same names."""
     from filelock import FileLock, Timeout
 
@@ -102,7 +160,8 @@ def serve(data_dir: Path, host: str, port: int, max_blob_bytes: int, rate: float
     from soppu_registry.config import RegistryConfig
 
     with reporting(as_json):
-        store = _open(data_dir)
+        store = _open(loc)
+        data_dir = store.root
         lock = FileLock(str(data_dir / "serve.lock"))
         try:
             lock.acquire(timeout=0)
@@ -111,26 +170,37 @@ def serve(data_dir: Path, host: str, port: int, max_blob_bytes: int, rate: float
         removed = store.cleanup_tmp()
         if removed:
             click.echo(f"removed {removed} partial upload(s) left in {store.tmp_dir}", err=True)
-        app = create_app(RegistryConfig(data_dir, max_blob_bytes=max_blob_bytes, rate=rate, burst=burst,
+        app = create_app(RegistryConfig(data_dir, database=loc.database, blobs=loc.blobs, max_blob_bytes=max_blob_bytes, rate=rate, burst=burst,
                                         max_auth_failures=max_auth_failures,
                                         max_unpublished_bytes=max_unpublished_bytes, **limits))
         server.check_open_files(app.state.registry.config.max_connections)
         url = f"http://{host}:{port}"
         if as_json:
-            emit(True, {"data_dir": data_dir, "url": url, "removed_partial_uploads": removed}, "")
+            emit(True, {"data_dir": data_dir, "backend": store.backend, "storage": store.describe(), "url": url,
+                        "removed_partial_uploads": removed}, "")
         else:
-            click.echo(f"soppu-registry serving {data_dir} on {url}", err=True)
+            click.echo(f"soppu-registry serving {store.describe()} on {url}", err=True)
     server.run(app, app.state.registry.config, host, port, log_level)
+
+
+@main.command("init")
+@data_option
+@json_option
+def init(loc: Location, as_json: bool) -> None:
+    """Create the registry's tables (and the S3 bucket when absent); idempotent."""
+    with reporting(as_json):
+        store = _open(loc, create_bucket=True)
+        emit(as_json, {"backend": store.backend, "storage": store.describe()}, f"initialized {store.describe()}")
 
 
 @main.command("create-owner")
 @data_option
 @click.argument("owner")
 @json_option
-def create_owner(data_dir: Path, owner: str, as_json: bool) -> None:
+def create_owner(loc: Location, owner: str, as_json: bool) -> None:
     """Create an owner (namespace for adapters)."""
     with reporting(as_json):
-        _open(data_dir).create_owner(owner)
+        _open(loc).create_owner(owner)
         emit(as_json, {"owner": owner}, f"created owner {owner}")
 
 
@@ -139,12 +209,12 @@ def create_owner(data_dir: Path, owner: str, as_json: bool) -> None:
 @click.option("--owner", required=True)
 @click.option("--public-key", "public_key", required=True, help="PEM .pub file or base64 of the raw key.")
 @json_option
-def register_key(data_dir: Path, owner: str, public_key: str, as_json: bool) -> None:
+def register_key(loc: Location, owner: str, public_key: str, as_json: bool) -> None:
     """Register an owner's first signing key (later keys need rotate-key)."""
     with reporting(as_json):
         pub = signing.load_public_key(public_key)
         key_id = signing.public_key_id(pub)
-        _open(data_dir).add_key(owner, key_id, _raw_b64(pub))
+        _open(loc).add_key(owner, key_id, _raw_b64(pub))
         emit(as_json, {"owner": owner, "key_id": key_id}, f"registered key {key_id} for owner {owner}")
 
 
@@ -177,10 +247,10 @@ def verify_rotation_proof(store: Storage, owner: str, new_key_id: str, proof: An
 @click.option("--proof", "proof_path", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="JSON proof signed by the current key (`soppu rotate-key-proof`).")
 @json_option
-def rotate_key(data_dir: Path, owner: str, new_public_key: str, proof_path: Path, as_json: bool) -> None:
+def rotate_key(loc: Location, owner: str, new_public_key: str, proof_path: Path, as_json: bool) -> None:
     """Replace the owner's key; the old key must sign the change."""
     with reporting(as_json):
-        store = _open(data_dir)
+        store = _open(loc)
         pub = signing.load_public_key(new_public_key)
         new_id = signing.public_key_id(pub)
         try:
@@ -201,10 +271,10 @@ def rotate_key(data_dir: Path, owner: str, new_public_key: str, proof_path: Path
 @click.option("--scope", "scopes", multiple=True, required=True, type=click.Choice(SCOPES))
 @click.option("--label", default=None, help="Free text to recognise the token by.")
 @json_option
-def issue_token_cmd(data_dir: Path, owner: str | None, scopes: tuple[str, ...], label: str | None, as_json: bool) -> None:
+def issue_token_cmd(loc: Location, owner: str | None, scopes: tuple[str, ...], label: str | None, as_json: bool) -> None:
     """Create a token. It is printed once (text: alone on stdout); only its sha256 is stored."""
     with reporting(as_json):
-        token_id, token = issue_token(_open(data_dir), owner, list(scopes), label)
+        token_id, token = issue_token(_open(loc), owner, list(scopes), label)
         emit(as_json, {"token_id": token_id, "token": token, "owner": owner, "scopes": sorted(scopes)}, token)
         if not as_json:
             click.echo(f"token id {token_id} ({', '.join(sorted(scopes))}); store it now, it is not shown again", err=True)
@@ -214,20 +284,20 @@ def issue_token_cmd(data_dir: Path, owner: str | None, scopes: tuple[str, ...], 
 @data_option
 @click.argument("token_id")
 @json_option
-def revoke_token(data_dir: Path, token_id: str, as_json: bool) -> None:
+def revoke_token(loc: Location, token_id: str, as_json: bool) -> None:
     """Revoke a token by id (takes effect on its next request)."""
     with reporting(as_json):
-        _open(data_dir).revoke_token(token_id)
+        _open(loc).revoke_token(token_id)
         emit(as_json, {"token_id": token_id}, f"revoked token {token_id}")
 
 
 @main.command("list-tokens")
 @data_option
 @json_option
-def list_tokens(data_dir: Path, as_json: bool) -> None:
+def list_tokens(loc: Location, as_json: bool) -> None:
     """List tokens: ids, owners, scopes, labels, dates; never secrets."""
     with reporting(as_json):
-        tokens = _open(data_dir).list_tokens()
+        tokens = _open(loc).list_tokens()
         emit(as_json, {"tokens": tokens}, "\n".join(_token_line(t) for t in tokens) or "no tokens")
 
 
@@ -251,17 +321,19 @@ def _seconds(text: str) -> float:
               help="Keep unpublished blobs touched (uploaded, re-sent or HEAD-checked) within this long: 90s, 30m, 24h, 7d.")
 @click.option("--dry-run", is_flag=True, help="Report what would be removed; remove nothing.")
 @json_option
-def gc(data_dir: Path, grace: str, dry_run: bool, as_json: bool) -> None:
+def gc(loc: Location, grace: str, dry_run: bool, as_json: bool) -> None:
     """Remove blobs that no published version lists (abandoned uploads) once past the grace period.
 
-    Safe while `soppu-registry serve` runs: each removal is one write transaction, serialized with
-    publishing, and a blob a client has just checked or re-sent is kept.
+    Safe while `soppu-registry serve` runs (any number of replicas): each removal is one write
+    transaction, serialized with publishing, and a blob a client has just checked or re-sent is
+    kept. With several replicas, run it from one place on a schedule (docs/DEPLOY.md).
     """
     with reporting(as_json):
         grace_s = _seconds(grace)
-        if not (data_dir / "registry.sqlite3").is_file():
-            raise InputError(f"{data_dir} is not a registry data directory (no registry.sqlite3); check --data")
-        report = _open(data_dir).gc_blobs(grace_s, dry_run=dry_run)
+        loc.check()
+        if loc.database is None and loc.data_dir is not None and not (loc.data_dir / "registry.sqlite3").is_file():
+            raise InputError(f"{loc.data_dir} is not a registry data directory (no registry.sqlite3); check --data")
+        report = _open(loc).gc_blobs(grace_s, dry_run=dry_run)
         verb = "would remove" if dry_run else "removed"
         emit(as_json, {"grace_seconds": grace_s, **report},
              f"{verb} {len(report['removed'])} unpublished blob(s), {report['bytes']:,} bytes; kept "

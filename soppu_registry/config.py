@@ -10,7 +10,10 @@ from pathlib import Path
 class RegistryConfig:
     """Settings of one registry; every field is a `soppu-registry serve` option.
 
-    ``data_dir``            the SQLite database and blobs
+    ``data_dir``            the SQLite database and blobs (with ``database`` and ``blobs``: only this
+                            process's partial uploads and cached copies)
+    ``database``            postgresql://... URL of the shared metadata database; None: SQLite in data_dir
+    ``blobs``               s3://BUCKET?endpoint=... of the shared blob store; None: data_dir/blobs
     ``max_blob_bytes``      largest blob (413 ``too_large``, refused from Content-Length or while streaming)
     ``rate`` / ``burst``    per-token bucket: requests/s (<= 0 disables) and capacity
     ``max_publish_bytes``   largest publish body (the signature document), 413 ``too_large``
@@ -27,6 +30,8 @@ class RegistryConfig:
     """
 
     data_dir: Path
+    database: str | None = None
+    blobs: str | None = None
     max_blob_bytes: int = 1 << 30
     rate: float = 100.0
     burst: float = 1000.0

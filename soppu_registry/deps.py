@@ -41,7 +41,7 @@ class RegistryState:
 
     @classmethod
     def open(cls, config: RegistryConfig) -> RegistryState:
-        return cls(config, Storage(config.data_dir), RateLimiter(config.rate, config.burst), SafetensorsChecker(),
+        return cls(config, Storage(config.data_dir, database=config.database, blobs=config.blobs), RateLimiter(config.rate, config.burst), SafetensorsChecker(),
                    FailureLimiter(config.max_auth_failures))
 
     @property

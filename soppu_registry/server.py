@@ -107,6 +107,15 @@ def limited_protocol(header_timeout: float, max_connections: int) -> type[H11Pro
             if not self.transport.is_closing():
                 self.transport.close()
 
+        def send_400_response(self, msg: str) -> None:
+            """A malformed request (h11 refused it: bad header, bad Content-Length ...) gets the
+            API's JSON error shape, not uvicorn's text/plain, then the connection closes."""
+            body = json.dumps({"error": {"code": "bad_request", "message": f"malformed HTTP request: {msg}"}}).encode()
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                                 b"x-soppu-error-code: bad_request\r\nconnection: close\r\n"
+                                 b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            self._close()
+
         def data_received(self, data: bytes) -> None:
             if self._lingering:
                 return  # the rest of a body nobody reads

@@ -1,10 +1,17 @@
-"""Registry storage: SQLite (WAL) for owners, keys, tokens and versions; a content-addressed blob dir.
+"""Registry storage: one implementation of the registry's state over two backends.
 
-Layout of a data dir::
+``sqlite+dir`` (the default, one machine): a data dir::
 
     <data>/registry.sqlite3          owners, keys, tokens (sha256 only), versions, version_files
     <data>/blobs/sha256/ab/<hex>     immutable blobs, named by their sha256
     <data>/tmp/                      partial uploads; emptied when a server starts
+
+``postgres+s3`` (stateless replicas): the same tables in PostgreSQL (``--database``), blobs in an
+S3-compatible bucket under ``[prefix/]sha256/ab/<hex>`` (``--blobs``); ``<data>`` is then only the
+process's scratch (``tmp/`` partial uploads, ``cache/`` verified copies for the checks). The SQL
+differences live in ``sqldb`` (placeholders, the write lock: SQLite ``BEGIN IMMEDIATE``, PostgreSQL
+a transaction-level advisory lock every write transaction takes), the byte store in ``blobstore``;
+everything below (publish checks, quotas, gc, ownership) exists once.
 
 Blob ownership (``blob_owners``): an owner owns the blobs it uploaded. A PUT by an owner-write
 token adds its owner; re-sending bytes that are already stored proves possession and adds the
@@ -21,9 +28,12 @@ other owners keep, which frees that owner's quota. Deleting a blob happens insid
 transaction, serialized with ``publish`` (which re-checks its blobs and their ownership inside its
 own): a version never lists a blob that is gone, and a removed blob has no owners left.
 
-Every blob write is temp file + fsync + rename + fsync(dir); every metadata write is one SQLite
-transaction (``synchronous=FULL``), so a crash at any point leaves either the old state or the new.
-A version row is inserted only after its signature, manifest and every blob were checked.
+A blob upload streams into a local temp file while its size and sha256 are checked; only then is it
+put (dir: fsync + rename + fsync(dir); S3: one PUT, visible only when complete) and, inside the
+write transaction, its stored size confirmed before the ``blob_owners`` row that makes it usable
+commits. Every metadata write is one transaction (SQLite ``synchronous=FULL``), so a crash at any
+point leaves either the old state or the new. A version row is inserted only after its signature,
+manifest and every blob were checked, and its blobs re-checked inside the publishing transaction.
 """
 
 from __future__ import annotations
@@ -31,8 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sqlite3
-import threading
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -41,9 +50,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from soppu_client.format.fsutil import fsync_dir
-from soppu_client.format.names import BASIS, HEX64_RE, OWNER_RE
+from soppu_client.format.names import BASIS, OWNER_RE
+from soppu_registry.blobstore import BlobStore, DirBlobStore, open_blobs
 from soppu_registry.errors import ApiError
+from soppu_registry.sqldb import Database, SqliteDatabase, Tx, open_database, redact
 
 CHUNK = 1 << 16
 
@@ -87,21 +97,21 @@ CREATE TABLE IF NOT EXISTS version_files (
     version INTEGER NOT NULL,
     path TEXT NOT NULL,
     sha256 TEXT NOT NULL,
-    size INTEGER NOT NULL,
+    size BIGINT NOT NULL,
     PRIMARY KEY (owner, name, version, path)
 );
 CREATE INDEX IF NOT EXISTS version_files_sha ON version_files(sha256);
 CREATE TABLE IF NOT EXISTS blob_owners (
     sha256 TEXT NOT NULL,
     owner TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    touched_at REAL NOT NULL,            -- unix time of this owner's last PUT or HEAD of the blob
+    size BIGINT NOT NULL,
+    touched_at DOUBLE PRECISION NOT NULL, -- unix time of this owner's last PUT or HEAD of the blob
     PRIMARY KEY (sha256, owner)
 );
 CREATE INDEX IF NOT EXISTS blob_owners_owner ON blob_owners(owner);
 """
 
-# PRAGMA user_version of a data dir whose schema is current; `Storage._migrate` brings older ones up.
+# Schema version of a store whose schema is current; `Storage._migrate` brings older ones up.
 SCHEMA_VERSION = 1
 
 
@@ -117,11 +127,11 @@ def files_digest(files: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
-def _owns(db: sqlite3.Connection, owner: str, hex_digest: str) -> bool:
+def _owns(db: Tx, owner: str, hex_digest: str) -> bool:
     return db.execute("SELECT 1 FROM blob_owners WHERE sha256=? AND owner=?", (hex_digest, owner)).fetchone() is not None
 
 
-def unpublished_bytes(db: sqlite3.Connection, owner: str, *, exclude: str | None = None) -> int:
+def unpublished_bytes(db: Tx, owner: str, *, exclude: str | None = None) -> int:
     """Bytes of the blobs ``owner`` owns that none of its published versions lists (``exclude``: one
     digest left out, the blob being stored)."""
     row = db.execute(
@@ -148,12 +158,12 @@ class BlobWriteResult:
 
 
 class BlobWriter:
-    """Streams one upload into a temp file, hashing and counting as it goes.
+    """Streams one upload into a local temp file, hashing and counting as it goes.
 
     ``write`` enforces ``max_bytes``, ``expected_size`` and the owner's quota room on every chunk
-    (raising before the bytes hit the disk); ``commit`` checks digest and size, fsyncs, then in one
-    write transaction re-checks the quota, renames into place (``_stage_then_rename``: the only
-    place a blob is created) and records ``owner`` as an owner of the blob.
+    (raising before the bytes hit the disk); ``commit`` checks digest and size, fsyncs, puts the
+    verified file into the blob store (or touches the stored copy), then in one write transaction
+    re-checks the quota, confirms the stored size and records ``owner`` as an owner of the blob.
     ``abort`` (also called on any failure) removes the temp file.
     """
 
@@ -187,10 +197,12 @@ class BlobWriter:
         self._f.write(chunk)
 
     def commit(self) -> BlobWriteResult:
-        """Check size and digest, then place the blob (created) or keep the stored copy (not
+        """Check size and digest, then store the blob (created) or keep the stored copy (not
         created: the caller sent the same bytes, which proves possession). Either way ``owner``
-        owns the blob afterwards. The quota is checked again inside the write transaction, so
-        concurrent uploads of one owner cannot together pass it."""
+        owns the blob afterwards. The put happens outside the write lock (an S3 PUT can be slow);
+        inside it the quota is checked again (concurrent uploads of one owner cannot together
+        pass it; a refused blob nobody owns is removed again) and the stored size confirmed."""
+        blobs = self.store.blobs
         try:
             if self.expected_size is not None and self.size != self.expected_size:
                 raise ApiError(400, "size_mismatch", f"blob sha256:{self.hex}: received {self.size} bytes, declared {self.expected_size}")
@@ -202,33 +214,33 @@ class BlobWriter:
             os.fsync(self._f.fileno())  # the slow part, outside the write lock
             self._f.close()
             self._f = None
-            final = self.store.blob_path(self.hex)
+            stored = blobs.stat(self.hex)
+            # same digest, same bytes: keep the stored copy, restart its gc grace period
+            created = not (stored is not None and stored[0] == self.size and blobs.touch(self.hex))
+            if created:
+                blobs.put(self.hex, self.tmp)  # the only place a blob is created
             with self.store.tx() as db:  # serialized with gc and publish
                 if self.quota is not None:
                     used = unpublished_bytes(db, self.owner, exclude=self.hex)
                     if not _owns(db, self.owner, self.hex) and used + self.size > self.quota:
+                        if created and not db.execute("SELECT 1 FROM blob_owners WHERE sha256=?", (self.hex,)).fetchone():
+                            blobs.delete(self.hex)
                         raise quota_error(self.owner, self.quota, used, self.hex, self.size)
-                created = not final.exists()
-                if created:
-                    self._stage_then_rename(final)
-                else:  # same digest, same bytes: keep the stored copy, restart its gc grace period
-                    os.utime(final)
-                now = time.time()
+                now_stored = blobs.stat(self.hex)
+                if (now_stored is None or now_stored[0] != self.size) and not created:
+                    blobs.put(self.hex, self.tmp)  # gc removed the stored copy since we found it: ours replaces it
+                    now_stored = blobs.stat(self.hex)
+                if now_stored is None or now_stored[0] != self.size:  # never seen: gc takes only old blobs
+                    raise ApiError(503, "retry", f"blob sha256:{self.hex} was removed by a concurrent gc "
+                                                 "while it was being stored; send it again")
                 db.execute("INSERT INTO blob_owners(sha256, owner, size, touched_at) VALUES (?,?,?,?) "
                            "ON CONFLICT(sha256, owner) DO UPDATE SET touched_at = excluded.touched_at",
-                           (self.hex, self.owner, self.size, now))
+                           (self.hex, self.owner, self.size, time.time()))
             self.abort()  # removes the temp file when the stored copy was kept
             return BlobWriteResult(f"sha256:{self.hex}", self.size, created)
         except BaseException:
             self.abort()
             raise
-
-    def _stage_then_rename(self, final: Path) -> None:
-        """The one place a blob becomes visible: rename the fsynced temp file over ``final``
-        (atomic within the data dir), fsync the directory so the rename survives a crash."""
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.tmp, final)
-        fsync_dir(final.parent)
 
     def abort(self) -> None:
         if self._f is not None:
@@ -238,61 +250,58 @@ class BlobWriter:
 
 
 class Storage:
-    """The registry's persistent state; safe to share between threads (one connection per thread)."""
+    """The registry's persistent state; safe to share between threads and between processes.
 
-    def __init__(self, data_dir: str | os.PathLike[str]):
-        self.root = Path(data_dir)
-        self.blob_dir = self.root / "blobs" / "sha256"
+    ``Storage(data_dir)``: sqlite+dir in ``data_dir``. ``database`` (postgresql://...) and
+    ``blobs`` (s3://...) move the metadata and the bytes out of it; ``data_dir`` (default: a fresh
+    temp dir) then only holds this process's partial uploads and cached copies.
+    ``create_bucket``: create the S3 bucket when absent (``soppu-registry init``).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str] | None = None, *, database: str | None = None,
+                 blobs: str | None = None, create_bucket: bool = False):
+        if data_dir is None and (database is None or blobs is None):
+            raise ValueError("a data dir is needed unless both --database and --blobs are given")
+        self.root = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="soppu-registry-"))
         self.tmp_dir = self.root / "tmp"
-        self.db_path = self.root / "registry.sqlite3"
-        for d in (self.root, self.blob_dir, self.tmp_dir):
+        for d in (self.root, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._conn().executescript(SCHEMA)  # idempotent; executescript commits on its own
+        self.db: Database = SqliteDatabase(self.root / "registry.sqlite3") if database is None else open_database(database)
+        self.blobs: BlobStore = DirBlobStore(self.root / "blobs" / "sha256") if blobs is None else \
+            open_blobs(blobs, self.root / "cache", create_bucket=create_bucket)
+        self.backend = ("postgres" if database else "sqlite") + "+" + ("s3" if blobs else "dir")
+        self.db.create_schema(SCHEMA)
         self._migrate()
 
+    def describe(self) -> str:
+        """Where the state lives, passwords hidden (for logs and --json output)."""
+        return f"{self.backend}: database {redact(self.db.url)}, blobs {redact(self.blobs.url)}"
+
     def _migrate(self) -> None:
-        """Bring an older data dir to ``SCHEMA_VERSION`` (idempotent; safe with a server running).
+        """Bring an older store to ``SCHEMA_VERSION`` (idempotent; safe with a server running).
 
         0 -> 1: ``blob_owners`` appears. A blob listed by a published version belongs to that
         version's owner; blobs no version lists stay unowned (gc removes them; a re-upload claims them).
         """
-        if self.read("PRAGMA user_version")[0][0] >= SCHEMA_VERSION:  # current: no write lock taken
+        if self.db.schema_version() >= SCHEMA_VERSION:  # current: no write lock taken
             return
         with self.tx() as db:
-            if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:  # another process did it
+            if self.db.schema_version() >= SCHEMA_VERSION:  # another process did it (we hold the lock now)
                 return
-            db.execute("INSERT OR IGNORE INTO blob_owners(sha256, owner, size, touched_at) "
-                       "SELECT sha256, owner, MAX(size), ? FROM version_files GROUP BY sha256, owner", (time.time(),))
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("INSERT INTO blob_owners(sha256, owner, size, touched_at) "
+                       "SELECT sha256, owner, MAX(size), ? FROM version_files WHERE true GROUP BY sha256, owner "
+                       "ON CONFLICT DO NOTHING", (time.time(),))
+            self.db.set_schema_version(db, SCHEMA_VERSION)
 
-    # -- connections -------------------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA busy_timeout=30000")
-            self._local.db = db
-        return db
-
+    # -- transactions --------------------------------------------------------------------------
     @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE: writers are serialized, readers are not)."""
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+    def tx(self) -> Iterator[Tx]:
+        """One write transaction, serialized with every other writer (all processes, all replicas)."""
+        with self.db.tx() as db:
             yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
-    def read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        return self._conn().execute(sql, args).fetchall()
+    def read(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        return self.db.read(sql, args)
 
     def cleanup_tmp(self) -> int:
         """Remove partial uploads left by a crash; call only while no server writes here."""
@@ -303,28 +312,40 @@ class Storage:
         return n
 
     def integrity_check(self) -> str:
-        return self.read("PRAGMA integrity_check")[0][0]
+        return self.db.integrity_check()
 
     # -- blobs -------------------------------------------------------------------------------
     def blob_path(self, hex_digest: str) -> Path:
-        return self.blob_dir / hex_digest[:2] / hex_digest
+        """A local file with the blob's bytes, for the checks (S3: a verified cached copy)."""
+        return self.blobs.local_path(hex_digest)
 
     def blob_size(self, hex_digest: str) -> int | None:
-        try:
-            return self.blob_path(hex_digest).stat().st_size
-        except FileNotFoundError:
-            return None
+        st = self.blobs.stat(hex_digest)
+        return None if st is None else st[0]
+
+    def _blob_sizes(self, digests: list[str]) -> dict[str, int | None]:
+        """Stored sizes of many blobs; S3 HEADs run 16 at a time (publish holds the write lock)."""
+        unique = sorted(set(digests))
+        if isinstance(self.blobs, DirBlobStore) or len(unique) < 4:
+            return {h: self.blob_size(h) for h in unique}
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(16) as pool:
+            return dict(zip(unique, pool.map(self.blob_size, unique)))
 
     def blob_owners(self, hex_digest: str) -> set[str]:
         """Owners that uploaded (or proved possession of) this blob."""
         return {r["owner"] for r in self.read("SELECT owner FROM blob_owners WHERE sha256 = ?", (hex_digest,))}
 
     def owns_blob(self, owner: str, hex_digest: str) -> bool:
-        return _owns(self._conn(), owner, hex_digest)
+        return bool(self.read("SELECT 1 FROM blob_owners WHERE sha256=? AND owner=?", (hex_digest, owner)))
 
     def unpublished_bytes(self, owner: str, *, exclude: str | None = None) -> int:
         """Bytes counted against ``owner``'s quota (see ``unpublished_bytes``)."""
-        return unpublished_bytes(self._conn(), owner, exclude=exclude)
+        rows = self.read(
+            "SELECT COALESCE(SUM(bo.size), 0) FROM blob_owners bo WHERE bo.owner = ? AND bo.sha256 != ? "
+            "AND NOT EXISTS (SELECT 1 FROM version_files vf WHERE vf.owner = bo.owner AND vf.sha256 = bo.sha256)",
+            (owner, exclude or ""))
+        return int(rows[0][0])
 
     def quota_room(self, owner: str, hex_digest: str, quota: int | None) -> int | None:
         """Bytes ``owner`` may still upload as ``hex_digest`` under ``quota``; None when unbounded
@@ -340,46 +361,39 @@ class Storage:
             if db.execute("UPDATE blob_owners SET touched_at = ? WHERE sha256 = ? AND owner = ?",
                           (time.time(), hex_digest, owner)).rowcount == 0:
                 return
-            try:
-                os.utime(self.blob_path(hex_digest))
-            except FileNotFoundError:
-                pass
+        self.blobs.touch(hex_digest)  # outside the lock: gc also keeps a blob whose owner row is fresh
 
     def gc_blobs(self, grace_seconds: float, *, dry_run: bool = False,
                  now: float | None = None) -> dict[str, Any]:
-        """Remove blobs that no published version lists and that no owner touched for ``grace_seconds``
-        (with their owner rows), then owners' stale claims: an owner's row on a blob that none of its
-        versions lists, untouched for ``grace_seconds`` (the blob stays while others keep it).
+        """Remove blobs that no published version lists and that nobody touched for ``grace_seconds``
+        (the stored copy's mtime and every owner's ``touched_at`` older than that), with their owner
+        rows; then owners' stale claims: an owner's row on a blob that none of its versions lists,
+        untouched for ``grace_seconds`` (the blob stays while others keep it).
 
         Returns {"removed": [hex...], "bytes": freed, "kept_referenced": n, "kept_recent": n,
-        "released_claims": n, "dry_run": bool}. Safe while a server runs: each removal is decided
-        and done inside a write transaction.
+        "released_claims": n, "dry_run": bool}. Safe while servers run (any number of replicas):
+        each removal is decided (a fresh stat of the stored copy) and done inside a write
+        transaction, serialized with uploads and publishes.
         """
         now = now if now is not None else time.time()
         removed, freed, referenced, recent = [], 0, 0, 0
-        for path in sorted(self.blob_dir.glob("*/*")):
-            hexd = path.name
-            if not HEX64_RE.match(hexd) or path.parent.name != hexd[:2]:
-                continue
+        for hexd in list(self.blobs.list()):
             with self.tx() as db:
                 if db.execute("SELECT 1 FROM version_files WHERE sha256=? LIMIT 1", (hexd,)).fetchone():
                     referenced += 1
                     continue
-                try:
-                    st = path.stat()
-                except FileNotFoundError:
+                st = self.blobs.stat(hexd)
+                if st is None:
                     continue
-                if now - st.st_mtime < grace_seconds:
+                touched = db.execute("SELECT MAX(touched_at) FROM blob_owners WHERE sha256=?", (hexd,)).fetchone()[0]
+                if now - max(st[1], float(touched or 0.0)) < grace_seconds:
                     recent += 1
                     continue
                 if not dry_run:
                     db.execute("DELETE FROM blob_owners WHERE sha256 = ?", (hexd,))
-                    path.unlink()
+                    self.blobs.delete(hexd)
                 removed.append(hexd)
-                freed += st.st_size
-        if removed and not dry_run:
-            for d in {self.blob_dir / h[:2] for h in removed}:
-                fsync_dir(d)
+                freed += st[0]
         stale = ("FROM blob_owners WHERE touched_at < ? AND NOT EXISTS (SELECT 1 FROM version_files vf "
                  "WHERE vf.owner = blob_owners.owner AND vf.sha256 = blob_owners.sha256)")
         with self.tx() as db:
@@ -388,7 +402,7 @@ class Storage:
             else:
                 released = db.execute(f"DELETE {stale}", (now - grace_seconds,)).rowcount
         return {"removed": removed, "bytes": freed, "kept_referenced": referenced, "kept_recent": recent,
-                "released_claims": released, "dry_run": dry_run}
+                "released_claims": int(released), "dry_run": dry_run}
 
     def blob_writer(self, hex_digest: str, expected_size: int | None, max_bytes: int, owner: str,
                     quota: int | None = None, room: int | None = None) -> BlobWriter:
@@ -397,7 +411,7 @@ class Storage:
         return BlobWriter(self, hex_digest, expected_size, max_bytes, owner, quota, room)
 
     def read_blob(self, hex_digest: str) -> bytes:
-        return self.blob_path(hex_digest).read_bytes()
+        return self.blobs.local_path(hex_digest).read_bytes()
 
     def blob_referenced_by(self, hex_digest: str) -> set[str]:
         """Owners with at least one published version listing this blob."""
@@ -455,7 +469,7 @@ class Storage:
             db.execute("INSERT INTO tokens(token_id, token_hash, owner, scopes, label, created_at) VALUES (?,?,?,?,?,?)",
                        (token_id, token_hash, owner, ",".join(scopes), label, utcnow()))
 
-    def token(self, token_id: str) -> sqlite3.Row | None:
+    def token(self, token_id: str) -> Any | None:
         rows = self.read("SELECT * FROM tokens WHERE token_id = ?", (token_id,))
         return rows[0] if rows else None
 
@@ -489,8 +503,9 @@ class Storage:
             out = {name: self._version_status(db, owner, name, version, ident) for name in names}
             if 201 not in out.values():
                 return out
+            sizes = self._blob_sizes([f["sha256"] for f in files])
             for f in files:  # gc may have removed a blob or a claim since check_blobs: re-check inside the tx
-                if not _owns(db, owner, f["sha256"]) or self.blob_size(f["sha256"]) != int(f["size"]):
+                if not _owns(db, owner, f["sha256"]) or sizes[f["sha256"]] != int(f["size"]):
                     raise ApiError(400, "missing_blob", f"{f['path']} (sha256:{f['sha256']}) was not uploaded")
             published_at, sig = utcnow(), json.dumps(signature_doc, sort_keys=True)
             for name in (n for n, status in out.items() if status == 201):
@@ -502,7 +517,7 @@ class Storage:
         return out
 
     @staticmethod
-    def _version_status(db: sqlite3.Connection, owner: str, name: str, version: int, ident: str) -> int:
+    def _version_status(db: Tx, owner: str, name: str, version: int, ident: str) -> int:
         """200 if this exact version is published with these files, 201 if it may be inserted;
         else 409 ``conflict`` (same version, other files) or ``rollback`` (not above the latest)."""
         row = db.execute("SELECT files_digest FROM versions WHERE owner=? AND name=? AND version=?",

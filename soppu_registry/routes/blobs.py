@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from soppu_registry.auth import OWNER_WRITE, Principal
@@ -81,4 +81,10 @@ def get_blob(digest: str, hexd: BlobHex, caller: Caller, state: State) -> Respon
     absent blob and for one the caller may not read alike."""
     if _readable_size(state, caller, hexd) is None:
         raise ApiError(404, "not_found", f"blob {digest} not found among the blobs this token can read")
-    return FileResponse(state.store.blob_path(hexd), media_type="application/octet-stream", headers={"docker-content-digest": digest})
+    headers = {"docker-content-digest": digest}
+    local = state.store.blobs.local_file(hexd)
+    if local is not None:
+        return FileResponse(local, media_type="application/octet-stream", headers=headers)
+    size = state.store.blob_size(hexd)  # S3: streamed through, with its length
+    return StreamingResponse(state.store.blobs.iter_bytes(hexd), media_type="application/octet-stream",
+                             headers={**headers, "content-length": str(size)})

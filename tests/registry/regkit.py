@@ -1,8 +1,9 @@
 """Helpers for the registry tests: tiny hand-written bundles and real `soppu-registry serve` processes.
 
 Bundles come from tests/conftest_bundles.py (written with the safetensors library, not with
-soppu_client.format.bundle). Servers are subprocesses on 127.0.0.1 with a free port, real SQLite and real
-files; owners, keys and tokens are created directly on the data dir, as the admin CLI does.
+soppu_client.format.bundle). Servers are subprocesses on 127.0.0.1 with a free port over a real
+backend (tests/registry/services.py: SQLite + files, or PostgreSQL + SeaweedFS S3); owners, keys and
+tokens are created directly on the same storage, as the admin CLI does.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from soppu_registry.auth import issue_token
 from soppu_registry.storage import Storage
 from tests import conftest_bundles
 from tests.conftest_bundles import BASE_MODEL, RANK  # noqa: F401  (BASE_MODEL re-exported for the registry tests)
+from tests.registry.services import DEFAULT, Backend
 
 MAX_BLOB = 1 << 20
 FUTURE = "2099-01-01T00:00:00Z"
@@ -62,18 +64,19 @@ class Owner:
 
 
 class Server:
-    """A `soppu-registry serve` subprocess on a free loopback port."""
+    """A `soppu-registry serve` subprocess on a free loopback port over ``backend`` (default sqlite+dir)."""
 
-    def __init__(self, data: Path, *args: str):
+    def __init__(self, data: Path, *args: str, backend: Backend | None = None):
         self.data, self.args = data, args
+        self.backend = backend or DEFAULT
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> Server:
         log = open(self.data.parent / f"server-{self.port}.log", "ab")  # noqa: SIM115  (the server process writes it)
-        self.proc = subprocess.Popen([str(REGISTRY_BIN), "serve", "--data", str(self.data), "--port", str(self.port),
-                                      *self.args], stdout=log, stderr=log)
+        self.proc = subprocess.Popen([str(REGISTRY_BIN), "serve", *self.storage_args(), "--port", str(self.port),
+                                      *self.args], stdout=log, stderr=log, env={**os.environ, **self.backend.env})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -84,6 +87,14 @@ class Server:
             except requests.ConnectionError:
                 time.sleep(0.1)
         raise RuntimeError("registry did not start in time")
+
+    def storage_args(self) -> list[str]:
+        """``--data`` (and ``--database``/``--blobs``) for admin commands on this server's state."""
+        return self.backend.args(self.data)
+
+    def storage(self) -> Storage:
+        """Direct access to this server's state (as the admin CLI has)."""
+        return self.backend.storage(self.data)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown handlers, no flushing."""
@@ -105,7 +116,7 @@ class Registry:
 
     def __init__(self, server: Server, tmp: Path):
         self.server, self.url, self.tmp = server, server.url, tmp
-        self.store = Storage(server.data)
+        self.store = server.storage()
         _, self.serving_token = issue_token(self.store, None, ["serving-read"], "tests")
 
     def new_owner(self, prefix: str = "o") -> Owner:

@@ -29,6 +29,7 @@ from tests.registry.regkit import (
     put_blob,
     upload_blobs,
 )
+from tests.registry.services import Backend
 
 
 def test_each_scope(registry: Registry, owner: Owner) -> None:
@@ -109,10 +110,10 @@ def test_path_is_checked_before_the_token_and_the_token_before_the_body(registry
 
 
 @pytest.fixture(scope="module")
-def limited(tmp_path_factory: pytest.TempPathFactory) -> tuple[Server, Storage]:
+def limited(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> tuple[Server, Storage]:
     tmp = tmp_path_factory.mktemp("limited")
-    server = Server(tmp / "data", "--rate", "4", "--burst", "3").start()
-    yield server, Storage(server.data)
+    server = Server(tmp / "data", "--rate", "4", "--burst", "3", backend=backend).start()
+    yield server, server.storage()
     server.stop()
 
 

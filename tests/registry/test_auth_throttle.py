@@ -14,16 +14,16 @@ from pathlib import Path
 
 import requests
 
-from soppu_registry.storage import Storage
 from tests.registry.regkit import Server, auth, error_code, new_owner
+from tests.registry.services import Backend
 
 PER_MINUTE = 12  # refill: one failure per 5 s, so the burst below takes a small part of it
 
 
-def test_failed_auth_is_throttled_per_address_before_auth(tmp_path: Path) -> None:
-    server = Server(tmp_path / "data", "--rate", "0", "--max-auth-failures", str(PER_MINUTE)).start()
+def test_failed_auth_is_throttled_per_address_before_auth(tmp_path: Path, backend: Backend) -> None:
+    server = Server(tmp_path / "data", "--rate", "0", "--max-auth-failures", str(PER_MINUTE), backend=backend).start()
     try:
-        store = Storage(server.data)
+        store = server.storage()
         owner = new_owner(store, "throttled", tmp_path / "keys")
         url = f"{server.url}/v1/keys/{owner.name}"
         # Control: many successful requests from the same address are never limited.
@@ -53,8 +53,8 @@ def test_failed_auth_is_throttled_per_address_before_auth(tmp_path: Path) -> Non
     assert "Traceback" not in log, log[-3000:]
 
 
-def test_zero_disables_the_failure_limit(tmp_path: Path) -> None:
-    server = Server(tmp_path / "data", "--rate", "0", "--max-auth-failures", "0").start()
+def test_zero_disables_the_failure_limit(tmp_path: Path, backend: Backend) -> None:
+    server = Server(tmp_path / "data", "--rate", "0", "--max-auth-failures", "0", backend=backend).start()
     try:
         codes = {requests.get(f"{server.url}/v1/keys/x", headers=auth(f"soppu_{i:016x}_guess"), timeout=10).status_code
                  for i in range(100)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 
 from soppu_client.cli.upload import rotate_key_proof, upload
 from soppu_client.format import signing
+from soppu_registry.devservices import Services
 from tests.registry.regkit import (
     REGISTRY_BIN,
     Owner,
@@ -22,7 +24,7 @@ from tests.registry.regkit import (
 
 
 def admin(registry: Registry, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(REGISTRY_BIN), args[0], "--data", str(registry.server.data), *args[1:]],
+    return subprocess.run([str(REGISTRY_BIN), args[0], *registry.server.storage_args(), *args[1:]],
                           capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -147,9 +149,41 @@ def test_admin_commands_report_json_and_errors_without_tracebacks(registry: Regi
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 2 and r.stderr.startswith(f"error: cannot open registry data directory {not_a_dir / 'd'}: ")
     # One server per data dir: a second `serve` on the shared registry's dir is refused.
-    r = subprocess.run([str(REGISTRY_BIN), "serve", "--data", str(registry.server.data), "--port", str(free_port()),
-                        "--json"], capture_output=True, text=True, timeout=60, check=False)
+    r = subprocess.run([str(REGISTRY_BIN), "serve", *registry.server.storage_args(), "--port", str(free_port()),
+                        "--json"], capture_output=True, text=True, timeout=60, check=False,
+                       env={**os.environ, **registry.server.backend.env})
     assert r.returncode == 1 and json.loads(r.stdout)["error"]["message"] == (
         f"another `soppu-registry serve` is using {registry.server.data}; stop it or pick another --data")
     for out in (r.stderr, r.stdout):
         assert "Traceback" not in out
+
+
+def test_storage_urls_bad_or_unreachable_are_one_line_errors(services: Services, tmp_path: Path) -> None:
+    """postgres+s3 options: a bad URL, an unreachable service or a missing bucket is exit 2 with one
+    line naming the option and the fix (passwords hidden); `init` creates the bucket, then it works."""
+    loc = services.fresh("cli")
+    db, endpoint = loc.database, services.weed.endpoint
+    closed = f"127.0.0.1:{free_port()}"
+    bucket = f"made-by-init-{free_port()}"
+    cases = [
+        (["--database", "mysql://x/y", "--blobs", loc.blobs], "--database 'mysql://x/y' must be a postgresql://"),
+        (["--database", f"postgresql://postgres:hunter2@{closed}/x", "--blobs", loc.blobs],
+         f"cannot connect to PostgreSQL at postgresql://postgres:***@{closed}/x"),
+        (["--database", db, "--blobs", "ftp://x"], "--blobs 'ftp://x' must be s3://BUCKET"),
+        (["--database", db, "--blobs", f"s3://{bucket}?endpoint={endpoint}"], "create it (or run `soppu-registry init`)"),
+        (["--database", db, "--blobs", f"s3://b?endpoint=http://{closed}"], f"cannot reach S3 bucket b at http://{closed}"),
+        (["--database", db], "give --data DIR (sqlite+dir), or --database postgresql://... and --blobs s3://..."),
+    ]
+    env = {**os.environ, **services.env}
+    for args, message in cases:
+        r = subprocess.run([str(REGISTRY_BIN), "list-tokens", *args], capture_output=True, text=True, timeout=120,
+                           check=False, env=env)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "hunter2" not in r.stderr, r.stderr
+    blobs = f"s3://{bucket}?endpoint={endpoint}"
+    r = subprocess.run([str(REGISTRY_BIN), "init", "--database", db, "--blobs", blobs, "--json"], capture_output=True,
+                       text=True, timeout=120, check=False, env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["backend"] == "postgres+s3", r.stderr
+    r = subprocess.run([str(REGISTRY_BIN), "list-tokens", "--database", db, "--blobs", blobs, "--json"],
+                       capture_output=True, text=True, timeout=120, check=False, env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["tokens"] == [], r.stderr

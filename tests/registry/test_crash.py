@@ -14,8 +14,8 @@ import requests
 from soppu_client.format import signing
 from soppu_client.format.errors import RegistryError
 from soppu_client.registry_client import RegistryClient
-from soppu_registry.storage import Storage
 from tests.registry.regkit import Owner, Server, auth, new_owner
+from tests.registry.services import Backend
 
 
 def _writer(url: str, o: Owner, bundles: list[Path], acked: list[tuple[str, int, dict]], stop: threading.Event) -> None:
@@ -32,10 +32,10 @@ def _writer(url: str, o: Owner, bundles: list[Path], acked: list[tuple[str, int,
             acked.append((name, doc["statement"]["version"], doc))
 
 
-def test_sigkill_during_writes_then_restart(tmp_path: Path) -> None:
+def test_sigkill_during_writes_then_restart(tmp_path: Path, backend: Backend) -> None:
     data = tmp_path / "data"
-    server = Server(data, "--rate", "0").start()
-    store = Storage(data)
+    server = Server(data, "--rate", "0", backend=backend).start()
+    store = server.storage()
     owners = [new_owner(store, f"crash{i}", tmp_path / "keys") for i in range(3)]
     work = {o.name: [o.bundle(tmp_path / f"{o.name}-v{v}", v, adapters=(f"a{v % 2}",)) for v in range(1, 16)]
             for o in owners}
@@ -59,7 +59,7 @@ def test_sigkill_during_writes_then_restart(tmp_path: Path) -> None:
     slow.close()
     assert acked, "nothing was published before the kill"
 
-    restarted = Server(data, "--rate", "0").start()
+    restarted = Server(data, "--rate", "0", backend=backend).start()
     try:
         assert store.integrity_check() == "ok"
         assert list(store.tmp_dir.iterdir()) == []  # partial uploads removed at start
@@ -75,7 +75,7 @@ def test_sigkill_during_writes_then_restart(tmp_path: Path) -> None:
         # Whatever else became visible is complete: each blob of each version is on disk and intact.
         for row in store.read("SELECT owner, name, version, files FROM versions"):
             for f in json.loads(row["files"]):
-                assert hashlib.sha256(store.read_blob(f["sha256"])).hexdigest() == f["sha256"], dict(row)
+                assert hashlib.sha256(store.read_blob(f["sha256"])).hexdigest() == f["sha256"], (row["owner"], row["name"])
         # And the interrupted work can simply be retried.
         for o in owners:
             client = RegistryClient(restarted.url, o.write_token)

@@ -22,7 +22,18 @@ from safetensors.numpy import load_file
 from soppu_client.format import signing
 from soppu_client.registry_client import RegistryClient
 from soppu_registry.server import open_files_needed
-from tests.registry.regkit import FUTURE, Owner, Registry, Server, auth, error_code, new_owner, publish, upload_blobs
+from tests.registry.regkit import (
+    FUTURE,
+    Owner,
+    Registry,
+    Server,
+    auth,
+    error_code,
+    new_owner,
+    publish,
+    upload_blobs,
+)
+from tests.registry.services import Backend
 
 MiB = 1 << 20
 BIG_BLOB = 32 * MiB
@@ -32,11 +43,12 @@ MAX_CONNECTIONS = 24
 
 
 @pytest.fixture(scope="module")
-def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+def reg(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterator[Registry]:
     """A server with short timeouts, a small connection cap and room for a 32 MiB blob."""
     tmp = tmp_path_factory.mktemp("limits")
     server = Server(tmp / "data", "--rate", "0", "--max-blob-bytes", str(BIG_BLOB), "--body-idle-timeout", str(IDLE),
-                    "--header-timeout", str(HEADER_TIMEOUT), "--max-connections", str(MAX_CONNECTIONS)).start()
+                    "--header-timeout", str(HEADER_TIMEOUT), "--max-connections", str(MAX_CONNECTIONS),
+                    backend=backend).start()
     try:
         yield Registry(server, tmp)
     finally:
@@ -273,3 +285,14 @@ def test_stuffed_safetensors_header_is_refused_before_parsing(reg: Registry, wri
     print(f"\n{header_len / MiB:.1f} MiB safetensors header (200,002 tensors): refused in {took * 1000:.0f} ms, "
           f"RSS +{growth:.1f} MiB")
     assert took < 1 and growth < 16
+
+
+def test_malformed_http_gets_the_json_error_shape(reg: Registry) -> None:
+    """A request h11 cannot parse (here a non-numeric Content-Length, as the schemathesis fuzzer
+    sends) is 400 in the API's JSON error shape (it was uvicorn's text/plain), and the server serves on."""
+    s = _raw_request(reg.server.port, "GET /v1/adapters/x/y/versions HTTP/1.1\r\nHost: x\r\nContent-Length: JGPa)NJg\r\n\r\n")
+    status, body = _read_response(s)
+    s.close()
+    assert (status, body["error"]["code"]) == (400, "bad_request") and set(body) == {"error"}
+    assert body["error"]["message"].startswith("malformed HTTP request: ")
+    assert requests.get(f"{reg.url}/healthz", timeout=10).status_code == 200

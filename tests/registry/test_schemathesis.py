@@ -22,17 +22,19 @@ from schemathesis.specs.openapi.checks import (
 
 from soppu_client.registry_client import RegistryClient
 from tests.registry.regkit import Owner, Registry, Server, new_owner
+from tests.registry.services import Backend
 
 EXAMPLES = 80
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, Owner]]:
+def live(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterator[tuple[Registry, Owner]]:
     """A registry of its own (failed-auth limiting off: the fuzzer sends bad tokens on purpose) with one
     owner, who has published a bundle so that reads find something."""
     tmp = tmp_path_factory.mktemp("schemathesis")
-    server = Server(tmp / "data", "--rate", "0", "--max-auth-failures", "0", "--max-blob-bytes", str(1 << 20)).start()
+    server = Server(tmp / "data", "--rate", "0", "--max-auth-failures", "0", "--max-blob-bytes", str(1 << 20),
+                    backend=backend).start()
     try:
         reg = Registry(server, tmp)
         owner = new_owner(reg.store, "fuzz", tmp / "keys")

@@ -30,6 +30,7 @@ from tests.registry.regkit import (
     put_blob,
     upload_blobs,
 )
+from tests.registry.services import Backend
 
 INT64_MAX = 2**63 - 1
 
@@ -160,9 +161,9 @@ def _wide_bundle(owner: Owner, root: Path, version: int, rank: int) -> Path:
     return root
 
 
-def _server(tmp_path_factory: pytest.TempPathFactory, label: str, *args: str) -> Iterator[Registry]:
+def _server(tmp_path_factory: pytest.TempPathFactory, backend: Backend, label: str, *args: str) -> Iterator[Registry]:
     tmp = tmp_path_factory.mktemp(label)
-    server = Server(tmp / "data", "--rate", "0", *args).start()
+    server = Server(tmp / "data", "--rate", "0", *args, backend=backend).start()
     try:
         yield Registry(server, tmp)
     finally:
@@ -171,14 +172,14 @@ def _server(tmp_path_factory: pytest.TempPathFactory, label: str, *args: str) ->
 
 
 @pytest.fixture(scope="module")
-def wide(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+def wide(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterator[Registry]:
     """Default rank cap (256), room for a k=1024 basis on 576 x 576 (4.7 MB)."""
-    yield from _server(tmp_path_factory, "wide", "--max-blob-bytes", str(16 << 20))
+    yield from _server(tmp_path_factory, backend, "wide", "--max-blob-bytes", str(16 << 20))
 
 
 @pytest.fixture(scope="module")
-def rank_capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    yield from _server(tmp_path_factory, "rankcap", "--max-rank", "2")
+def rank_capped(tmp_path_factory: pytest.TempPathFactory, backend: Backend) -> Iterator[Registry]:
+    yield from _server(tmp_path_factory, backend, "rankcap", "--max-rank", "2")
 
 
 def test_basis_rank_above_module_dims_is_refused(wide: Registry) -> None:
