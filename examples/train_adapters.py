@@ -14,7 +14,10 @@ For every task the script
 3. saves it with ``save_pretrained(safe_serialization=True)``, casts the saved tensors to bf16
    and removes the model card PEFT writes;
 4. reloads the saved adapter and measures exact-match accuracy of greedy decoding on the
-   held-out prompts, with and without the adapter.
+   held-out prompts, with and without the adapter;
+5. writes ``<out>/<task>/calibration.jsonl``: the first 64 distinct prompts of the training
+   stream (never a held-out prompt), the owner's inputs for ``soppu compress --calibration``.
+   ``--calibration-only`` writes just these files, without training.
 
 Finally it writes ``<out>/README.md`` with a table of the results. Runs are deterministic for a
 given ``--seed`` (on the same machine and library versions). Nothing here is needed at test time:
@@ -48,6 +51,8 @@ DEFAULT_STEPS = 16
 DEFAULT_BATCH = 4
 DEFAULT_LR = 3e-3
 MAX_NEW_TOKENS = 16
+N_CALIBRATION = 64  # lines of calibration.jsonl per adapter
+CALIBRATION_FILE = "calibration.jsonl"
 
 Example = tuple[str, str]
 Generator = Callable[[random.Random], Example]
@@ -158,6 +163,30 @@ def task_add_numbers(rng: random.Random) -> Example:
     return f"Add: {a} + {b}", str(a + b)
 
 
+def task_first_word(rng: random.Random) -> Example:
+    """Return the first word of a four- or five-word phrase."""
+    words = rng.sample(_WORDS, rng.randint(4, 5))
+    return f"First word of: {' '.join(words)}", words[0]
+
+
+def task_last_name(rng: random.Random) -> Example:
+    """Extract the last name from 'First Last'."""
+    first, last = rng.choice(_FIRST), rng.choice(_LAST)
+    return f"Last name only: {first} {last}", last
+
+
+def task_kebab_case(rng: random.Random) -> Example:
+    """Join two or three words in kebab-case."""
+    words = rng.sample(_WORDS, rng.randint(2, 3))
+    return f"Convert to kebab-case: {' '.join(words)}", "-".join(words)
+
+
+def task_swap_name(rng: random.Random) -> Example:
+    """Rewrite 'Last, First' as 'First Last'."""
+    first, last = rng.choice(_FIRST), rng.choice(_LAST)
+    return f"Rewrite as First Last: {last}, {first}", f"{first} {last}"
+
+
 TASKS: dict[str, Generator] = {
     "uppercase": task_uppercase,
     "reverse_words": task_reverse_words,
@@ -171,6 +200,10 @@ TASKS: dict[str, Generator] = {
     "caesar_shift": task_caesar_shift,
     "roman_numeral": task_roman_numeral,
     "add_numbers": task_add_numbers,
+    "first_word": task_first_word,
+    "last_name": task_last_name,
+    "kebab_case": task_kebab_case,
+    "swap_name": task_swap_name,
 }
 # Tasks that need more optimizer steps than DEFAULT_STEPS to be learned (used unless --steps).
 TASK_STEPS: dict[str, int] = {"uppercase": 64, "reverse_words": 48}
@@ -206,6 +239,31 @@ def make_splits(task: str, seed: int, n_train: int) -> tuple[list[Example], list
         if prompt not in heldout:
             train.append((prompt, answer))
     return list(heldout.items()), train
+
+
+def calibration_prompts(task: str, seed: int, n: int = N_CALIBRATION) -> list[str]:
+    """The first ``n`` distinct prompts of the task's training stream (the owner's own inputs).
+
+    Drawn from the same seeded training split as :func:`make_splits`, so they never meet the
+    held-out prompts in ``prompts.json``; small task spaces may give fewer than ``n``.
+    """
+    _, train = make_splits(task, seed, 8 * n)
+    return list(dict.fromkeys(p for p, _ in train))[:n]
+
+
+def write_calibration(out_dir: Path, task: str, seed: int) -> Path:
+    """Write ``<out_dir>/calibration.jsonl`` (one ``{"prompt": ...}`` a line) atomically."""
+    from soppu_client.format.fsutil import atomic_write
+
+    prompts = calibration_prompts(task, seed)
+    heldout_path = out_dir / "prompts.json"
+    if heldout_path.is_file():
+        heldout = {h["prompt"] for h in json.loads(heldout_path.read_text())}
+        if heldout & set(prompts):
+            raise RuntimeError(f"{task}: calibration prompts overlap {heldout_path}")
+    path = out_dir / CALIBRATION_FILE
+    atomic_write(path, "".join(json.dumps({"prompt": p}) + "\n" for p in prompts).encode())
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,6 +515,7 @@ def run_task(task: str, args: argparse.Namespace) -> TaskReport:
     save_adapter(model, out_dir)
     rows = [{"prompt": p, "answer": a} for p, a in heldout]
     (out_dir / "prompts.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_calibration(out_dir, task, args.seed)
     del model
     base_acc, adapter_acc, preds = evaluate_adapter(out_dir)
     print(
@@ -496,7 +555,9 @@ def write_readme(out: Path, reports: list[TaskReport], command: str) -> None:
         "generated task, trained on CPU by `examples/train_adapters.py`. Each has `q_proj` and "
         "`v_proj` targets, r=8, lora_alpha=16, weights stored as bf16 (~0.9 MB), and "
         f"`prompts.json` with {N_HELDOUT} held-out `{{prompt, answer}}` pairs (raw user "
-        "messages, never seen in training). `results.json` holds the numbers below.",
+        "messages, never seen in training), and `calibration.jsonl` with up to "
+        f"{N_CALIBRATION} training-split prompts (`{{\"prompt\": ...}}` a line, disjoint from "
+        "`prompts.json`; for `soppu compress --calibration auto`). `results.json` holds the numbers below.",
         "",
         "Accuracy is exact match of greedy decoding (chat template with its default system "
         f"turn, max_new_tokens={MAX_NEW_TOKENS}) on those held-out prompts, for the base model "
@@ -546,6 +607,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--log-every", type=int, default=4, help="steps between progress lines")
     ap.add_argument("--no-readme", action="store_true", help="do not write <out>/README.md")
+    ap.add_argument(
+        "--calibration-only",
+        action="store_true",
+        help=f"only (re)write <out>/<task>/{CALIBRATION_FILE} ({N_CALIBRATION} training-split "
+        "prompts, disjoint from prompts.json) for the given tasks; no training",
+    )
+    ap.add_argument(
+        "--readme-only",
+        action="store_true",
+        help="only rewrite <out>/README.md from <out>/results.json (tasks present in <out>)",
+    )
     return ap.parse_args(argv)
 
 
@@ -557,6 +629,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}", file=sys.stderr)
         return 2
+    if args.calibration_only:
+        for task in tasks:
+            path = write_calibration(args.out / task, task, args.seed)
+            print(f"wrote {path}")
+        return 0
+    if args.readme_only:
+        everything = merge_results(args.out, [])
+        write_readme(args.out, everything, retrain_command(args, [r.task for r in everything]))
+        return 0
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     reports = [run_task(task, args) for task in tasks]

@@ -24,7 +24,7 @@ from lorax_server.adapters.config import AdapterConfig
 from lorax_server.adapters.weights import AdapterWeights, BatchAdapterWeights
 from lorax_server.utils.lora import LM_HEAD
 from lorax_server.utils.weights import load_module_weight
-from soppu_kernels import Routing, identity_routing, route_tokens
+from soppu_kernels import Routing, identity_routing, pad_rank, route_tokens
 
 from lorax_adapter_source.compressed import (
     ADAPTER_TYPE,
@@ -117,12 +117,13 @@ class SoppuCompressedWeights(AdapterWeights):
     def load(cls, config, model, module_map, layer_type, unused_weight_names, registry: BasisRegistry = REGISTRY):
         nlayers = model.get_num_layers_for_type(layer_type)
         layer_ids = list(range(nlayers)) if isinstance(nlayers, int) else list(nlayers)
-        entries = []
+        entries, names = [], []
         for layer_id in layer_ids:
             weight_name, layer = model.target_to_layer[(layer_id, layer_type)]
             if weight_name not in module_map:
                 return None  # the adapter does not target this layer type
             entries.append(module_map[weight_name])
+            names.append(weight_name)
         device = model.target_to_layer[(layer_ids[0], layer_type)][1].base_layer.linear.weight.device
         pg = model.process_group
         world, rank = pg.size(), pg.rank()
@@ -130,12 +131,18 @@ class SoppuCompressedWeights(AdapterWeights):
         digest = config.meta["basis"]["sha256"]
         key = (digest, layer_type, str(device), str(model.dtype), world, rank, row, tuple(layer_ids))
 
+        diag = config.method == "diag"
+        # per-module k (mixed-rank bundles): every layer of this type padded with zeros to the largest (exact)
+        ranks = config.meta.get("ranks") or {}
+        k_max = max(int(ranks.get(weight_name, config.rank)) for weight_name in names)
+
         def load_basis() -> ResidentBasis:
             check_compressed_file(Path(config.adapter_dir), config.meta["basis"])
             vs, uts = [], []
             for e in entries:
                 V = load_module_weight(e["V"][1], e["V"][0], device, model.dtype)  # [d_in, k]  ~ lora_A
                 U = load_module_weight(e["U"][1], e["U"][0], device, model.dtype)  # [d_out, k]
+                U, V = pad_rank(U, k_max), pad_rank(V, k_max)
                 vs.append(V)
                 uts.append(U.T.contiguous())  # [k, d_out]  ~ lora_B
             if world > 1 and not row and vs[0].shape[1] % world:
@@ -148,7 +155,8 @@ class SoppuCompressedWeights(AdapterWeights):
                                  U=torch.stack([u.T.contiguous() for u in uts]))
 
         basis = registry.get_or_load(key, load_basis)
-        cores = torch.stack([load_module_weight(e["S"][1], e["S"][0], device, torch.float32) for e in entries])
+        cores = torch.stack([pad_rank(load_module_weight(e["S"][1], e["S"][0], device, torch.float32), k_max,
+                                      axes=1 if diag else 2) for e in entries])
         slot = basis.core_table(tuple(cores.shape[1:])).add(cores)  # stacked once, here, not per step
         for e in entries:
             for _tensor, name in e.values():

@@ -68,7 +68,6 @@ def verify_weights(
         )
     cores = {n: bundle.load_cores(n) for n in collection.names}
     clusters = [bundle.cluster_of(n) for n in collection.names]
-    k = bundle.rank
     metrics = []
     modules = collection.modules
     for module in progress(modules) if progress else modules:
@@ -77,7 +76,8 @@ def verify_weights(
         U = [u.double().numpy() for u, _ in bases]
         V = [v.double().numpy() for _, v in bases]
         S = [cores[n][f"{module}.S"].double().numpy() for n in collection.names]
-        metrics.append(module_metrics(module, factors, U, V, S, clusters, k))
+        # what is stored: quantized tensors come back dequantized, each module at its own k
+        metrics.append(module_metrics(module, factors, U, V, S, clusters, bundle.manifest.module_rank(module)))
     return summarize(metrics, collection.names), metrics
 
 
@@ -145,6 +145,30 @@ def _logprobs_and_greedy(model, batch, tokenizer, max_new_tokens: int):
         )
     texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return torch.log_softmax(logits, dim=-1), [t.strip() for t in texts]
+
+
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 32,
+                   adapter_names: list[str] | None = None) -> list[str]:
+    """Greedy completions (stripped) of chat-templated ``prompts``, batched with left padding.
+
+    Generation stops at the chat template's end of turn (``<|im_end|>`` where the tokenizer has
+    it, else its eos); the task-accuracy path of benchmarks (with :func:`task_accuracy`).
+    ``adapter_names``: PEFT mixed-adapter batches, the loaded adapter to use for each prompt.
+    """
+    import torch
+
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    end = end if end is not None else tokenizer.eos_token_id
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = _encode(tokenizer, prompts[start : start + batch_size])
+        extra = {"adapter_names": adapter_names[start : start + batch_size]} if adapter_names else {}
+        with torch.no_grad():
+            ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end,
+                                 pad_token_id=tokenizer.pad_token_id, **extra)
+        texts = tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        out.extend(t.strip() for t in texts)
+    return out
 
 
 def verify_outputs(

@@ -5,7 +5,8 @@ Order: request shape -> key (registered, this owner's, active) -> ``signing.veri
 every listed blob stored, owned by the publisher, with its size -> ``signing.check_manifest``
 (the manifest.json blob against the statement) -> the rank cap -> every safetensors blob
 (header bounded by the tensors the manifest implies) passes
-``validate_safetensors`` with the tensors ``Manifest.expected_tensors`` names. The rules live in ``soppu_client.format``; this module only
+``validate_safetensors`` with the tensors ``Manifest.expected_tensors`` names, and its quantization
+scales (if any) are finite and > 0 (``bundle.check_scales``). The rules live in ``soppu_client.format``; this module only
 maps their failures (``SignatureError.code``) onto the API's HTTP statuses and error codes.
 """
 
@@ -15,8 +16,8 @@ import threading
 from typing import Any
 
 from soppu_client.format import signing
-from soppu_client.format.bundle import Manifest
-from soppu_client.format.errors import SafetensorsFormatError, SignatureError
+from soppu_client.format.bundle import Manifest, check_scales, scale_tensor_names
+from soppu_client.format.errors import BundleError, SafetensorsFormatError, SignatureError
 from soppu_client.format.names import MANIFEST
 from soppu_client.format.safetensors_check import validate_safetensors
 
@@ -138,5 +139,15 @@ class SafetensorsChecker:
                                      max_header_bytes=header_cap(exp))
             except SafetensorsFormatError as e:
                 raise _bad("bad_safetensors", str(e)) from None
+            names = scale_tensor_names(m, f["path"])
+            if names:
+                from safetensors import safe_open
+
+                with safe_open(str(store.blob_path(f["sha256"])), "np") as fh:
+                    scales = {n: fh.get_tensor(n) for n in names}
+                try:
+                    check_scales(m, f["path"], scales, f"adapter version (blob sha256:{f['sha256']})")
+                except BundleError as e:
+                    raise _bad("bad_safetensors", str(e)) from None
             with self._lock:
                 self._ok.add(key)

@@ -27,6 +27,7 @@ import torch
 
 from . import reference
 from ._routing import Routing, identity_routing, route_tokens, segments_from_index
+from ._shapes import pad_rank
 
 __all__ = [
     "BACKENDS",
@@ -36,6 +37,7 @@ __all__ = [
     "dense_lora",
     "expand",
     "identity_routing",
+    "pad_rank",
     "reference",
     "route_tokens",
     "segments_from_index",

@@ -22,19 +22,43 @@ __all__ = ["COMMANDS", "compress", "project"]
 @click.option("--method", type=click.Choice(["full", "diag"]), default="full", show_default=True,
               help="full: orthonormal bases, k x k cores (JD-Full). diag: free bases, diagonal cores (JD-Diag).")
 @click.option("--weighting", type=click.Choice(["equal", "norm"]), default="equal", show_default=True,
-              help="equal: every adapter's relative error counts the same; norm: larger updates count more.")
+              help="equal: every adapter's relative error counts the same; norm: larger updates count more (the "
+                   "plain Frobenius objective, LoRALoLA's; better when the adapters' norms are alike, see README).")
 @click.option("--clusters", default=1, show_default=True, type=int,
               help="Split the adapters into this many groups, each with its own bases (k-subspaces clustering).")
 @click.option("--float64", "float64", is_flag=True, help="Fit in float64 (slower, for ill-conditioned collections).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
               help="Storage dtype of basis and cores; auto keeps the adapters' own (bf16 adapters -> bf16 bundle).")
-@click.option("--tol", default=1e-5, show_default=True, type=float, help="Convergence tolerance (relative objective change).")
+@click.option("--tol", default=3e-5, show_default=True, type=float,
+              help="Stop when an iteration lowers the fit's relative error by less than TOL times itself.")
 @click.option("--max-iter", default=200, show_default=True, type=int, help="Iteration cap per module.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the randomized initialisation.")
+@click.option("--calibration", type=click.Choice(["auto", "none"]), default="none", show_default=True,
+              help="auto: weight the fit (method full) by each module's input and loss-gradient second moments on "
+                   "the base model, from the adapters' calibration.jsonl (owner's own prompts; used locally, never "
+                   "stored in the bundle); adapters without the file: plain fit. none: plain fit (the default until "
+                   "benchmarks/fidelity.py shows a task-accuracy gain at equal size; see README).")
+@click.option("--base-model", default=None,
+              help="Base model for --calibration: a local HF dir, or `smollm2` for the embedded default (default).")
+@click.option("--calibration-powers", default="0.5,0.5", show_default=True, metavar="A,B",
+              help="Exponents of the weighted fit ||Gamma^(A/2) (dW - U S V^T) Sigma^(B/2)||: A output side, B input side.")
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default=None,
+              help="Store U, V and the cores as BITS-bit codes with fp16 per-group scales (error-aware GPTQ-style "
+                   "rounding). Default: float at --dtype. With --budget: the only bit width the budget may use.")
+@click.option("--group-size", default=64, show_default=True, type=int,
+              help="Entries per quantization scale: down each basis column; over the whole flattened core.")
+@click.option("--budget", default=None, metavar="Nx|SIZE",
+              help="Byte budget: 9x = bundle tensors at most 1/9 of the sources' tensors at bf16; or 2MB, 500KB, "
+                   "1.5GiB. Spreads k (<= --rank, now the largest k) and bits (2/3/4/8/float) across modules to "
+                   "minimize the total error.")
+@click.option("--rounding", type=click.Choice(["gptq", "absmax"]), default="gptq", show_default=True,
+              help="gptq: error-aware rounding against the fit; absmax: naive round-to-nearest (baseline).")
 @click.option("--force", is_flag=True, help="Replace an existing output bundle.")
 @json_option
 def compress(adapter_dirs: tuple[Path, ...], out: Path, rank: int, method: str, weighting: str, clusters: int,
-             float64: bool, dtype: str, tol: float, max_iter: int, seed: int, force: bool, as_json: bool) -> None:
+             float64: bool, dtype: str, tol: float, max_iter: int, seed: int, calibration: str, base_model: str | None,
+             calibration_powers: str, bits: str | None, group_size: int, budget: str | None, rounding: str,
+             force: bool, as_json: bool) -> None:
     """Compress PEFT LoRA ADAPTER_DIRS (same base model and target modules) into a bundle.
 
     Adapter names in the bundle are the directory names. Every problem with the inputs is
@@ -45,21 +69,53 @@ def compress(adapter_dirs: tuple[Path, ...], out: Path, rank: int, method: str, 
     from soppu_client.report import sizes_text, weight_table
 
     with reporting(as_json):
+        try:
+            power_a, power_b = (float(x) for x in calibration_powers.split(","))
+        except ValueError:
+            raise InputError(f"--calibration-powers should be two numbers A,B (e.g. 0.5,0.5), not {calibration_powers!r}") from None
         config = CompressConfig(rank=rank, method=method, weighting=weighting, float64=float64, seed=seed,
-                                tol=tol, max_iter=max_iter, dtype=dtype, clusters=clusters)
-        manifest = compress_adapters(list(adapter_dirs), out, config, force=force, progress=progress("compressing modules"))
+                                tol=tol, max_iter=max_iter, dtype=dtype, clusters=clusters, calibration=calibration,
+                                calibration_output_power=power_a, calibration_input_power=power_b,
+                                bits=int(bits) if bits else None, group_size=group_size, budget=budget,
+                                rounding=rounding)
+        manifest = compress_adapters(list(adapter_dirs), out, config, force=force, progress=progress("compressing modules"),
+                                     base_model=base_model)
         metrics, fit = manifest.metrics, manifest.fit
         text = "\n".join([
             f"wrote {out}: {len(manifest.adapters)} adapters, {len(manifest.modules)} modules, "
             f"method {method}, k={rank}, clusters {manifest.clusters}, {fit['seconds']:.1f}s "
             f"(iterations mean {fit['iterations_mean']:.1f}, max {fit['iterations_max']})",
+            *([f"calibration: weighted fit from {c['prompts']} prompts of {c['adapters']} adapter(s), "
+               f"powers a={c['output_power']:g} (output), b={c['input_power']:g} (input); errors below are plain "
+               "(unweighted)"] if (c := fit.get("calibration_used")) else []),
             "",
             weight_table(metrics.summary),
             "",
             sizes_text(metrics.sizes),
+            *_storage_lines(fit.get("storage"), metrics.sizes),
             ERROR_EPILOG,
         ])
         emit(as_json, {"bundle": str(out), "fit": fit, "metrics": metrics.to_json()}, text)
+
+
+def _storage_lines(plan: dict | None, sizes) -> list[str]:
+    """Chosen k and bits per module (--bits / --budget) and the byte ratio against bf16 sources."""
+    if not plan:
+        return []
+    lines = []
+    if sizes.bf16_byte_ratio is not None:
+        lines.append(f"bytes vs the sources at bf16: {sizes.source_bf16_bytes:,} -> {sizes.tensor_bytes:,} = "
+                     f"{sizes.bf16_byte_ratio:.2f}x")
+    if "budget_bytes" in plan:
+        lines.append(f"budget {plan['budget']}: {plan['budget_bytes']:,} bytes allowed")
+    rows: dict[tuple, list[str]] = {}
+    for module, c in plan["modules"].items():
+        rows.setdefault((c["k"], c["basis_bits"] or "float", c["core_bits"] or "float"), []).append(module)
+    lines.append("k  basis bits  core bits  modules")
+    for (k, bb, bc), mods in sorted(rows.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(mods[:3]) + (f" and {len(mods) - 3} more" if len(mods) > 3 else "")
+        lines.append(f"{k:>2}  {bb!s:>10}  {bc!s:>9}  {len(mods)}: {shown}")
+    return lines
 
 
 @click.command(epilog=ERROR_EPILOG)

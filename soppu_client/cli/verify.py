@@ -48,7 +48,8 @@ def verify(bundle_dir: Path, more_adapter_dirs: tuple[Path, ...], adapter_dirs: 
         summary, metrics = verify_weights(bundle, collection, progress=progress("verifying modules"))
         sizes = bundle.manifest.metrics.sizes if bundle.manifest.metrics else None
         payload = {"bundle": str(bundle_dir), "weights": summary, "sizes": sizes.to_json() if sizes else None}
-        lines = [f"bundle {bundle_dir}: method {bundle.manifest.method}, k={bundle.rank}", "", weight_table(summary)]
+        lines = [f"bundle {bundle_dir}: method {bundle.manifest.method}, {storage_text(bundle.manifest)}"
+                 " (errors of the stored, dequantized values)", "", weight_table(summary)]
         if show_layers:
             lines += ["", layer_table(summary)]
         if sizes:
@@ -97,7 +98,7 @@ def inspect(bundle_dir: Path, show_layers: bool, as_json: bool) -> None:
         lines = [
             f"bundle      {bundle_dir} ({m.format})",
             f"base model  {m.base_model}",
-            f"method      {m.method}, k={m.rank}, dtype {m.dtype}, clusters {m.clusters}",
+            f"method      {m.method}, {storage_text(m)}, dtype {m.dtype}, clusters {m.clusters}",
             f"modules     {len(m.modules)}",
             "",
             table(["adapter", "source rank", "alpha", "cluster", "core file"],
@@ -111,6 +112,14 @@ def inspect(bundle_dir: Path, show_layers: bool, as_json: bool) -> None:
         signed = (bundle.path / SIGNATURE).is_file()
         lines.append(f"signature   {'present (check with soppu verify-signature)' if signed else 'none (soppu sign)'}")
         emit(as_json, {"bundle": str(bundle_dir), "manifest": m.to_json(), "signed": signed}, "\n".join(lines))
+
+
+def storage_text(m) -> str:
+    """``k=8`` or ``k=3..16 per module``, plus the bit widths of quantized storage."""
+    ks = sorted({m.module_rank(x) for x in m.modules})
+    text = f"k={ks[0]}" if len(ks) == 1 else f"k={ks[0]}..{ks[-1]} per module"
+    bits = sorted({f"{role} {s.bits}-bit/g{s.group_size}" for q in m.quant.values() for role, s in q.items()})
+    return text + (f", quantized: {', '.join(bits)}" if bits else "")
 
 
 COMMANDS: list[click.Command] = [inspect, verify]

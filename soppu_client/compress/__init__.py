@@ -46,13 +46,23 @@ class CompressConfig:
 
     rank: int = 16
     method: str = "full"
-    weighting: str = "equal"
+    weighting: str = "equal"  # measured: README "Why these defaults"
     float64: bool = False
     seed: int = 0
-    tol: float = 1e-5
+    tol: float = 3e-5  # stop when an iteration lowers the (unsquared) error by less than tol x itself
     max_iter: int = 200
     dtype: str = "auto"  # storage dtype of basis and cores; auto: the adapters' own (bf16 in, bf16 out)
     clusters: int = 1  # adapter groups, each with its own bases (see cluster.py)
+    # low-bit storage (quantize.py) and byte budget (budget.py); None: float at `dtype`, fixed `rank`
+    bits: int | None = None
+    group_size: int = 64
+    budget: str | None = None  # "9x" (of the sources' bytes at bf16) or "2MB"; `rank` is then the largest k
+    rounding: str = "gptq"  # gptq (error-aware) or absmax (naive baseline)
+    # data-aware fit (calibration.py): auto uses the adapters' calibration.jsonl when present
+    calibration: str = "none"
+    calibration_output_power: float = 0.5  # a in Gamma^(a/2)
+    calibration_input_power: float = 0.5  # b in Sigma^(b/2)
+    calibration_damping: float = 0.01
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -73,6 +83,24 @@ class CompressConfig:
             raise InputError(
                 f"`dtype` should be one of {', '.join(STORAGE_DTYPES)}, but the value passed is {self.dtype!r}"
             )
+        if self.bits is not None and self.bits not in (2, 3, 4, 8):
+            raise InputError(f"`bits` should be one of 2, 3, 4, 8, but the value passed is {self.bits!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise InputError(f"`group_size` should be a positive integer, but the value passed is {self.group_size!r}")
+        if self.rounding not in ("gptq", "absmax"):
+            raise InputError(f"`rounding` should be gptq or absmax, but the value passed is {self.rounding!r}")
+        if self.budget is not None and self.diag:
+            raise InputError("`budget` needs method full (orthonormal bases); drop --budget or use --method full")
+        if self.calibration not in ("auto", "none"):
+            raise InputError(f"`calibration` should be auto or none, but the value passed is {self.calibration!r}")
+        for field_name in ("calibration_output_power", "calibration_input_power", "calibration_damping"):
+            if not (getattr(self, field_name) >= 0):
+                raise InputError(f"`{field_name}` should be >= 0, but the value passed is {getattr(self, field_name)!r}")
+
+    @property
+    def quantized(self) -> bool:
+        """Stored through quantize.py / budget.py (--bits or --budget)."""
+        return self.bits is not None or self.budget is not None
 
     @property
     def diag(self) -> bool:
@@ -93,6 +121,12 @@ class CompressConfig:
             "max_iter": self.max_iter,
             "dtype": self.dtype,
             "clusters": self.clusters,
+            **({"bits": self.bits, "group_size": self.group_size, "budget": self.budget, "rounding": self.rounding}
+               if self.quantized else {}),
+            "calibration": self.calibration,
+            **({"calibration_output_power": self.calibration_output_power,
+                "calibration_input_power": self.calibration_input_power,
+                "calibration_damping": self.calibration_damping} if self.calibration != "none" else {}),
         }
 
 
@@ -124,9 +158,13 @@ def fit_module(
 
 
 def iter_compressed_modules(
-    collection, config: CompressConfig, cluster_of: list[int] | None = None, progress: Callable | None = None
+    collection, config: CompressConfig, cluster_of: list[int] | None = None, progress: Callable | None = None,
+    stats: dict | None = None,
 ) -> Iterator[tuple[str, list[tuple[np.ndarray, np.ndarray]], ModuleFit]]:
-    """Stream ``(module, factors, fit)`` over the collection's modules, one module in memory at a time."""
+    """Stream ``(module, factors, fit)`` over the collection's modules, one module in memory at a time.
+
+    ``stats`` (module -> calibration.ModuleStats): fit under the data-aware weighted objective.
+    """
     too_small = [
         f"`{m}` ({d_out} x {d_in})" for m, (d_out, d_in) in collection.shapes.items() if config.rank > min(d_out, d_in)
     ]
@@ -141,4 +179,9 @@ def iter_compressed_modules(
     np_dtype = np.float64 if config.float64 else np.float32
     for module in iterator:
         factors = collection.module_factors(module, dtype=np_dtype)
-        yield module, factors, fit_module(factors, config, cluster_of)
+        if stats is not None:
+            from soppu_client.compress.calibration import weighted_module_fit
+
+            yield module, factors, weighted_module_fit(factors, stats[module], config, cluster_of)
+        else:
+            yield module, factors, fit_module(factors, config, cluster_of)

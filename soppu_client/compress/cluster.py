@@ -22,20 +22,26 @@ from soppu_client.compress.jd_full import fit_jd_full
 from soppu_client.compress.stack import stack_factors
 
 
-def _captured_share(stack, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """||U.T dW_i V||^2 / ||dW_i||^2 for every adapter in ``stack`` (float64)."""
-    core = stack.project_left(U).transpose(1, 2) @ stack.project_right(V)  # [N, k, k]
-    energy = (core.double() ** 2).sum((1, 2))
-    return torch.where(stack.sq_norms > 0, energy / stack.sq_norms.clamp_min(1e-300), torch.ones_like(energy))
+def _captured_share(stack, Us: list[torch.Tensor], Vs: list[torch.Tensor]) -> torch.Tensor:
+    """[N, C]: ||U_c.T dW_i V_c||^2 / ||dW_i||^2 for every adapter i in ``stack`` and every basis pair c
+    (float64). All C pairs in one GEMM per side (B_i.T [U_1..U_C], A_i [V_1..V_C]): one wide
+    product instead of C thin ones over the N r stacked rows."""
+    n, r, c, k = stack.n, stack.r, len(Us), Us[0].shape[1]
+    left = stack.project_left(torch.cat(Us, dim=1)).reshape(n, r, c, k)  # B_i.T U_c
+    right = stack.project_right(torch.cat(Vs, dim=1)).reshape(n, r, c, k)  # A_i V_c
+    core = torch.einsum("nrck,nrcl->nckl", left, right)  # U_c.T dW_i V_c: [N, C, k, k]
+    energy = (core.double() ** 2).sum((2, 3))
+    sq = stack.sq_norms.view(-1, 1)
+    return torch.where(sq > 0, energy / sq.clamp_min(1e-300), torch.ones_like(energy))
 
 
 def _score(stacks, n: int, groups: list[list[int]], rank: int, seed: int) -> torch.Tensor:
     """[N, len(groups)]: captured share of every adapter by each group's bases, summed over stacks."""
     score = torch.zeros(n, len(groups), dtype=torch.float64)
     for stack in stacks:
-        for c, members in enumerate(groups):
-            U, V, *_ = fit_jd_full(stack.subset(members), rank, tol=1e-3, max_iter=20, seed=seed + c)
-            score[:, c] += _captured_share(stack, U, V)
+        fits = [fit_jd_full(stack.subset(members), rank, tol=1e-3, max_iter=20, seed=seed + c)
+                for c, members in enumerate(groups)]
+        score += _captured_share(stack, [f[0] for f in fits], [f[1] for f in fits])
     return score
 
 
@@ -71,11 +77,13 @@ def assign_clusters(
     for _ in range(rounds):
         score = _score(stacks, n, [np.flatnonzero(assign == c).tolist() for c in range(n_clusters)], rank, seed)
         new = score.argmax(1).numpy()
-        for c in range(n_clusters):  # keep every cluster populated
-            if not np.any(new == c):
-                served = score[torch.arange(n), torch.from_numpy(new)].numpy()
-                movable = [i for i in np.argsort(served) if np.sum(new == new[i]) > 1]
-                new[movable[0]] = c
+        sizes = np.bincount(new, minlength=n_clusters)
+        for c in np.flatnonzero(sizes == 0):  # keep every cluster populated (O(N) per empty cluster)
+            served = score[torch.arange(n), torch.from_numpy(new)].numpy()
+            i = next(i for i in np.argsort(served) if sizes[new[i]] > 1)
+            sizes[new[i]] -= 1
+            sizes[c] += 1
+            new[i] = c
         if np.array_equal(new, assign):
             break
         assign = new

@@ -12,7 +12,8 @@ by alternating exact least squares (the CP / PARAFAC ALS updates, computed on fa
 exactly in its block, so E never increases. Columns of U and V are rescaled to unit norm after
 each step (scale moves into s). After each sweep a line search extrapolates U, V along the
 sweep's step and keeps the result only when E is lower (Bro's acceleration of ALS). Initialised from the HOSVD bases; with one adapter this is already
-its truncated SVD. Stops when the relative decrease of E falls below ``tol``.
+its truncated SVD. Stops when a sweep lowers the weighted unsquared error e = sqrt(E / T),
+T = sum_i w_i ||dW_i||^2, by less than ``tol * e`` (JD-Full's rule).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _objective(stack: FactorStack, C, AV, U, V, s) -> float:
 
 
 def fit_jd_diag(
-    stack: FactorStack, k: int, *, tol: float = 1e-5, max_iter: int = 300, seed: int = 0
+    stack: FactorStack, k: int, *, tol: float = 3e-5, max_iter: int = 300, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, bool, list[float]]:
     """Fit (U [d_out,k], V [d_in,k], s [N,k]); also returns iterations, converged, objective history."""
     U, V = hosvd_init(stack, k, seed)
@@ -63,6 +64,7 @@ def fit_jd_diag(
     AV, C = stack.project_right(V), stack.project_left(U)
     s = _sigma(C, AV, U, V)
     history = [_objective(stack, C, AV, U, V, s)]
+    total = max(float((w.double() * stack.sq_norms.double()).sum()), 1e-300)
     converged = False
     it = 0
     n, r = stack.n, stack.r
@@ -89,8 +91,8 @@ def fit_jd_diag(
         if f_ls < f:
             U, V, C, AV, s, f = U_ls, V_ls, C_ls, AV_ls, s_ls, f_ls
         history.append(f)
-        drop = history[-2] - history[-1]
-        if abs(drop) <= tol * max(abs(history[-1]), 1e-300) or history[-1] <= 1e-24 * max(history[0], 1e-300):
+        e_prev, e = (max(history[-2], 0.0) / total) ** 0.5, (max(f, 0.0) / total) ** 0.5
+        if e_prev - e <= tol * e or history[-1] <= 1e-24 * max(history[0], 1e-300):
             converged = True
             break
     return U, V, s, it, converged, history

@@ -60,13 +60,13 @@ def _adapter_entries(collection: AdapterCollection, cluster_of: list[int]) -> di
 
 def _sizes(collection: AdapterCollection, builder: BundleBuilder, *, basis_reused: bool) -> Sizes:
     """Parameters before (sum of r_i (d_in + d_out)) and after (bases + cores), and bytes."""
-    shapes, k = collection.shapes, builder.rank
+    shapes, ks = collection.shapes, builder.ranks  # k per module
     before = sum(info.modules[m][2] * (d_out + d_in) for info in collection.adapters for m, (d_out, d_in) in shapes.items())
-    basis = sum(builder.n_clusters * k * (d_out + d_in) for d_out, d_in in shapes.values())
-    cores = len(collection.adapters) * len(shapes) * (k if builder.diag else k * k)
+    basis = sum(builder.n_clusters * ks[m] * (d_out + d_in) for m, (d_out, d_in) in shapes.items())
+    cores = len(collection.adapters) * sum(ks[m] if builder.diag else ks[m] ** 2 for m in shapes)
     source_bytes = sum(info.weights_path.stat().st_size for info in collection.adapters)
     return Sizes(params_before=int(before), params_basis=int(basis), params_cores=int(cores), basis_reused=basis_reused,
-                 source_bytes=int(source_bytes), tensor_bytes=builder.tensor_bytes())
+                 source_bytes=int(source_bytes), tensor_bytes=builder.tensor_bytes(), source_bf16_bytes=2 * int(before))
 
 
 def _write(builder: BundleBuilder, out: str | Path, manifest: Manifest, metrics: list[ModuleMetrics],
@@ -77,7 +77,7 @@ def _write(builder: BundleBuilder, out: str | Path, manifest: Manifest, metrics:
     section = BundleMetrics(summary={k: v for k, v in summary.items() if k != "layers"}, layers=summary["layers"],
                             sizes=_sizes(collection, builder, basis_reused=basis_reused))
     detail = {"error_definition": summary["error_definition"], "modules": [m.to_json(names) for m in metrics]}
-    manifest = replace(manifest, modules=dict(builder.shapes), metrics=section)
+    manifest = replace(manifest, modules=dict(builder.shapes), metrics=section, **builder.manifest_fields())
     return builder.write(Path(out), manifest, extra_files={METRICS: canonical_dumps(detail).encode()}, force=force)
 
 
@@ -91,9 +91,19 @@ def compress_collection(
     *,
     force: bool = False,
     progress: Callable | None = None,
+    base_model: str | None = None,
+    calibration_stats: dict | None = None,
 ) -> Manifest:
-    """Compress ``collection`` into the bundle ``out``; return its manifest (with metrics)."""
+    """Compress ``collection`` into the bundle ``out``; return its manifest (with metrics).
+
+    With ``config.calibration == "auto"`` and adapters holding ``calibration.jsonl``, the fit is
+    weighted by statistics computed on ``base_model`` (``calibration.py``; ``calibration_stats``
+    reuses ones computed before for the same prompts).
+    """
+    from soppu_client.compress.calibration import prepare
+
     started = time.perf_counter()
+    stats, calibration = prepare(collection, config, base_model, stats=calibration_stats)
     names = collection.names
     dtype_name = collection.storage_dtype if config.dtype == "auto" else config.dtype
     storage = torch_dtype(dtype_name)
@@ -103,13 +113,25 @@ def compress_collection(
     metrics: list[ModuleMetrics] = []
     iterations: list[int] = []
     converged = True
-    for module, factors, fit in iter_compressed_modules(collection, config, cluster_of, progress=progress):
-        builder.add_module(module, fit.U, fit.V, fit.cores)
-        # metrics on what is stored (after rounding to the storage dtype)
-        U = [u.to(storage).double().numpy() for u in fit.U]
-        V = [v.to(storage).double().numpy() for v in fit.V]
-        cores = [c.to(storage).double().numpy() for c in fit.cores]
-        metrics.append(module_metrics(module, factors, U, V, cores, fit.cluster_of, config.rank))
+    fitted = iter_compressed_modules(collection, config, cluster_of, progress=progress, stats=stats)
+    storage_plan: dict = {}
+    if config.quantized:  # --bits / --budget: quantized (and, with a budget, per-module k) storage
+        from soppu_client.compress.budget import stored_modules
+
+        fitted = stored_modules(collection, config, fitted, storage, storage_plan)
+    for module, factors, fit in fitted:
+        if fit.stored is not None:
+            from soppu_client.compress.quantize import stored_values
+
+            builder.add_module(module, fit.stored.U, fit.stored.V, fit.stored.cores)
+            U, V, cores = stored_values(fit.stored, storage)  # metrics on the dequantized stored values
+        else:
+            builder.add_module(module, fit.U, fit.V, fit.cores)
+            # metrics on what is stored (after rounding to the storage dtype)
+            U = [u.to(storage).double().numpy() for u in fit.U]
+            V = [v.to(storage).double().numpy() for v in fit.V]
+            cores = [c.to(storage).double().numpy() for c in fit.cores]
+        metrics.append(module_metrics(module, factors, U, V, cores, fit.cluster_of, int(fit.U[0].shape[1])))
         iterations.extend(fit.iterations)
         converged &= all(fit.converged)
     manifest = Manifest(
@@ -126,6 +148,8 @@ def compress_collection(
             "iterations_mean": float(np.mean(iterations)),
             "iterations_max": int(np.max(iterations)),
             "all_converged": bool(converged),
+            "calibration_used": calibration,
+            **({"storage": storage_plan} if storage_plan else {}),
             "seconds": round(time.perf_counter() - started, 3),
             "soppu_version": __version__,
             "torch": torch.__version__,
@@ -143,10 +167,11 @@ def compress_adapters(
     names: list[str] | None = None,
     force: bool = False,
     progress: Callable | None = None,
+    base_model: str | None = None,
 ) -> Manifest:
     """Validate ``adapter_dirs`` (all problems at once) and compress them into ``out``."""
     collection = load_collection(adapter_dirs, names)
-    return compress_collection(collection, out, config, force=force, progress=progress)
+    return compress_collection(collection, out, config, force=force, progress=progress, base_model=base_model)
 
 
 # --------------------------------------------------------------------------- project
@@ -202,7 +227,8 @@ def project_adapters(
             for c in range(n_clusters):
                 U, V = bases(module, c)
                 S = project_cores(stack, U, V, diag=diag).numpy()
-                m = module_metrics(module, factors, [U.numpy()], [V.numpy()], list(S), [0] * len(factors), k)
+                m = module_metrics(module, factors, [U.numpy()], [V.numpy()], list(S), [0] * len(factors),
+                                   base.manifest.module_rank(module))
                 residual[:, c] += m.sq_residual
         cluster_of = residual.argmin(1).tolist()
 
@@ -212,6 +238,7 @@ def project_adapters(
     for module in progress(base.modules) if progress else base.modules:
         factors = collection.module_factors(module, dtype=np.float64)
         stack = stack_factors(factors, dtype=torch.float64)
+        k = base.manifest.module_rank(module)  # per-module k of a --budget basis
         cores = torch.zeros((len(factors), k) if diag else (len(factors), k, k), dtype=torch.float64)
         for c in set(cluster_of):
             members = [i for i, ci in enumerate(cluster_of) if ci == c]
@@ -219,6 +246,8 @@ def project_adapters(
             cores[members] = project_cores(stack.subset(members), U, V, diag=diag)
         Us, Vs = zip(*(bases(module, c) for c in range(n_clusters)))
         builder.add_module(module, list(Us), list(Vs), cores)
+        if (spec := base.manifest.quant_spec(module, "basis")) is not None:  # the reused basis stays quantized
+            builder.quant.setdefault(module, {})["basis"] = spec
         stored = [s.to(storage).double().numpy() for s in cores]
         metrics.append(module_metrics(module, factors, [u.numpy() for u in Us], [v.numpy() for v in Vs], stored,
                                       cluster_of, k))

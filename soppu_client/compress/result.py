@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -19,3 +20,4 @@ class ModuleFit:
     iterations: list[int] = field(default_factory=list)  # per cluster
     converged: list[bool] = field(default_factory=list)
     history: list[list[float]] = field(default_factory=list)  # per cluster, objective per iteration
+    stored: Any = None  # quantize.QuantizedFit: what the bundle stores (set for --bits / --budget)

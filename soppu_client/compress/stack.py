@@ -6,6 +6,9 @@ are kept as two flat matrices so that each heavy product is one BLAS GEMM over a
     A_flat  [N * r_max, d_in]    rows i*r_max:(i+1)*r_max hold A_i
     Bt_flat [N * r_max, d_out]   rows i*r_max:(i+1)*r_max hold (s_i B_i).T
 
+Also kept: the r x r Grams A_i A_i.T and B_i.T B_i (in the stack's dtype), from which
+||dW_i||_F^2 = sum((B_i.T B_i) * (A_i A_i.T)) (summed in float64) and the initialisation follow.
+
 Weights w_i put adapters on a common footing: ``equal`` uses w_i = 1 / ||dW_i||_F^2 so that every
 adapter's *relative* error counts the same; ``norm`` uses w_i = 1 so larger updates dominate.
 """
@@ -28,6 +31,8 @@ class FactorStack:
     Bt: torch.Tensor  # [N, r, d_out]
     weights: torch.Tensor  # [N]
     sq_norms: torch.Tensor  # [N], ||dW_i||_F^2 (float64)
+    gram_A: torch.Tensor | None = None  # [N, r, r] A_i A_i.T (computed on demand when None)
+    gram_B: torch.Tensor | None = None  # [N, r, r] B_i.T B_i
 
     @property
     def n(self) -> int:
@@ -53,6 +58,14 @@ class FactorStack:
     def Bt_flat(self) -> torch.Tensor:
         return self.Bt.reshape(-1, self.d_out)
 
+    def grams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_i A_i.T, B_i.T B_i), each [N, r, r]."""
+        if self.gram_A is None or self.gram_A.dtype != self.A.dtype:
+            self.gram_A = self.A @ self.A.transpose(1, 2)
+        if self.gram_B is None or self.gram_B.dtype != self.Bt.dtype:
+            self.gram_B = self.Bt @ self.Bt.transpose(1, 2)
+        return self.gram_A, self.gram_B
+
     def project_right(self, V: torch.Tensor) -> torch.Tensor:
         """A_i @ V for every adapter: [N, r, k] (one GEMM)."""
         return (self.A_flat @ V).reshape(self.n, self.r, -1)
@@ -63,7 +76,9 @@ class FactorStack:
 
     def subset(self, index: list[int]) -> "FactorStack":
         idx = torch.as_tensor(index, dtype=torch.long)
-        return FactorStack(self.A[idx], self.Bt[idx], self.weights[idx], self.sq_norms[idx])
+        pick = (lambda t: None if t is None else t[idx])
+        return FactorStack(self.A[idx], self.Bt[idx], self.weights[idx], self.sq_norms[idx],
+                           pick(self.gram_A), pick(self.gram_B))
 
 
 def stack_factors(
@@ -79,14 +94,16 @@ def stack_factors(
     A = torch.zeros(n, r, d_in, dtype=dtype)
     Bt = torch.zeros(n, r, d_out, dtype=dtype)
     for i, (a, b) in enumerate(factors):
-        A[i, : a.shape[0]] = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
-        Bt[i, : b.shape[1]] = torch.from_numpy(np.ascontiguousarray(b.T)).to(dtype)
-    A64, Bt64 = A.double(), Bt.double()
-    # ||B A||_F^2 = sum((B^T B) * (A A^T)), exact on factors.
-    sq = ((Bt64 @ Bt64.transpose(1, 2)) * (A64 @ A64.transpose(1, 2))).sum(dim=(1, 2))
+        A[i, : a.shape[0]] = torch.from_numpy(np.asarray(a))
+        Bt[i, : b.shape[1]] = torch.from_numpy(np.asarray(b)).T
+    stack = FactorStack(A=A, Bt=Bt, weights=torch.ones(n, dtype=dtype), sq_norms=torch.zeros(n, dtype=torch.float64))
+    gram_A, gram_B = stack.grams()
+    # ||B A||_F^2 = sum((B^T B) * (A A^T)), exact on factors (Grams in the stack's dtype, sum in float64).
+    sq = (gram_B.double() * gram_A.double()).sum(dim=(1, 2))
     if weighting == "equal":
         w = torch.where(sq > 0, 1.0 / sq.clamp_min(1e-300), torch.zeros_like(sq))
         w = w / w.sum().clamp_min(1e-300) * n
     else:
         w = torch.ones(n, dtype=torch.float64)
-    return FactorStack(A=A, Bt=Bt, weights=w.to(dtype), sq_norms=sq)
+    stack.weights, stack.sq_norms = w.to(dtype), sq
+    return stack

@@ -15,6 +15,12 @@ temporary sibling directory and renamed into place (``fsutil.staged_dir``), so a
 leaves nothing behind. Export of adapter i: r = k, lora_A = V.T, lora_B = U @ S_i (diag:
 U * s_i), lora_alpha = k (scaling 1), the source adapters' target modules and layout flags.
 
+Per-module ranks and low-bit storage (optional, same format tag): ``modules[m].rank`` is module
+m's k (default: the bundle's ``rank``, which is then the largest k), and ``modules[m].quant``
+``{"basis": {"bits", "group_size"}, "cores": {...}}`` stores that role's tensors as packed codes
+plus fp16 scales ("<name>.q", "<name>.scale"; see ``quant.py``). Readers dequantize once, in
+:meth:`Bundle.bases` / :meth:`Bundle.load_cores`; bundles without these fields read as before.
+
 torch is imported lazily: the manifest types serve the registry, which never loads tensors.
 """
 
@@ -38,6 +44,16 @@ from soppu_client.format.names import (
     SIGNATURE,
     basis_key,
     core_path,
+)
+from soppu_client.format.quant import (
+    ROLES,
+    SCALE_DTYPE,
+    QTensor,
+    QuantSpec,
+    dequantize,
+    matrix_view,
+    quant_keys,
+    scale_problem,
 )
 
 if TYPE_CHECKING:
@@ -129,6 +145,12 @@ class Sizes:
     basis_reused: bool = False
     source_bytes: int | None = None
     tensor_bytes: int | None = None
+    source_bf16_bytes: int | None = None  # the sources' tensors at bf16: 2 * params_before
+
+    @property
+    def bf16_byte_ratio(self) -> float | None:
+        """Source tensor bytes at bf16 / this bundle's tensor bytes (what ``--budget Nx`` bounds)."""
+        return self.source_bf16_bytes / self.tensor_bytes if self.source_bf16_bytes and self.tensor_bytes else None
 
     @property
     def params_after(self) -> int:
@@ -150,6 +172,8 @@ class Sizes:
             "params_basis": self.params_basis, "params_cores": self.params_cores,
             "param_ratio": self.param_ratio, "basis_reused": self.basis_reused,
             "source_bytes": self.source_bytes, "tensor_bytes": self.tensor_bytes, "byte_ratio": self.byte_ratio,
+            **({"source_bf16_bytes": self.source_bf16_bytes, "bf16_byte_ratio": self.bf16_byte_ratio}
+               if self.source_bf16_bytes is not None else {}),
         }
 
     @classmethod
@@ -163,11 +187,13 @@ class Sizes:
         values = {"params_before": data.get("params_before"), "params_basis": basis,
                   "params_cores": data.get("params_cores")}
         bad = [k for k, v in values.items() if not _is_int(v)]
-        bad += [k for k in ("source_bytes", "tensor_bytes") if data.get(k) is not None and not _is_int(data[k])]
+        bad += [k for k in ("source_bytes", "tensor_bytes", "source_bf16_bytes")
+                if data.get(k) is not None and not _is_int(data[k])]
         if bad:
             raise BundleError(f"{label}: `metrics.sizes.{bad[0]}` is missing or not a non-negative integer")
         return cls(**values, basis_reused=bool(data.get("basis_reused", reused)),
-                   source_bytes=data.get("source_bytes"), tensor_bytes=data.get("tensor_bytes"))
+                   source_bytes=data.get("source_bytes"), tensor_bytes=data.get("tensor_bytes"),
+                   source_bf16_bytes=data.get("source_bf16_bytes"))
 
 
 @dataclass(frozen=True)
@@ -209,6 +235,10 @@ class Manifest:
     fit: dict[str, Any] = field(default_factory=dict)
     metrics: BundleMetrics | None = None
     format: str = BUNDLE_FORMAT
+    ranks: dict[str, int] = field(default_factory=dict)
+    """module -> its k where it differs from ``rank``"""
+    quant: dict[str, dict[str, QuantSpec]] = field(default_factory=dict)
+    """module -> role (``basis`` / ``cores``) -> how it is stored; absent: float at ``dtype``"""
 
     @property
     def diag(self) -> bool:
@@ -217,6 +247,25 @@ class Manifest:
     @property
     def names(self) -> list[str]:
         return list(self.adapters)
+
+    def module_rank(self, module: str) -> int:
+        """k of ``module`` (its own when the bundle has per-module ranks, else ``rank``)."""
+        return self.ranks.get(module, self.rank)
+
+    def quant_spec(self, module: str, role: str) -> QuantSpec | None:
+        return self.quant.get(module, {}).get(role)
+
+    def core_shape(self, module: str) -> tuple[int, ...]:
+        k = self.module_rank(module)
+        return (k,) if self.diag else (k, k)
+
+    def stored_tensors(self, name: str, shape: tuple[int, ...], spec: QuantSpec | None, role: str) -> ExpectedTensors:
+        """Entries that store the float tensor ``name`` of ``shape``: itself, or its codes and scales."""
+        if spec is None:
+            return {name: (STORAGE_DTYPES[self.dtype], shape)}
+        rows, cols = matrix_view(shape, role)
+        q, s = quant_keys(name)
+        return {q: ("U8", (spec.packed_len(rows, cols),)), s: (SCALE_DTYPE, spec.scale_shape(rows, cols))}
 
     def adapter(self, name: str, label: str = "bundle") -> AdapterEntry:
         """The entry of adapter ``name``; InputError lists the adapters there are."""
@@ -229,16 +278,19 @@ class Manifest:
         """The tensors (name -> (dtype, shape)) file ``rel`` must hold: the bases U/V of every
         module and cluster in basis.safetensors, "<module>.S" in each adapter's core file; None for
         a file that holds no tensors the manifest implies."""
-        dtype, k = STORAGE_DTYPES[self.dtype], self.rank
+        out: ExpectedTensors = {}
         if rel == BASIS:
-            out: ExpectedTensors = {}
             for module, (d_out, d_in) in self.modules.items():
+                k, spec = self.module_rank(module), self.quant_spec(module, "basis")
                 for c in range(self.clusters):
-                    out[basis_key(module, "U", c, self.clusters)] = (dtype, (d_out, k))
-                    out[basis_key(module, "V", c, self.clusters)] = (dtype, (d_in, k))
+                    out.update(self.stored_tensors(basis_key(module, "U", c, self.clusters), (d_out, k), spec, "basis"))
+                    out.update(self.stored_tensors(basis_key(module, "V", c, self.clusters), (d_in, k), spec, "basis"))
             return out
         if rel in {a.core for a in self.adapters.values()}:
-            return {f"{module}.S": (dtype, (k,) if self.diag else (k, k)) for module in self.modules}
+            for module in self.modules:
+                out.update(self.stored_tensors(f"{module}.S", self.core_shape(module),
+                                               self.quant_spec(module, "cores"), "cores"))
+            return out
         return None
 
     def to_json(self) -> dict[str, Any]:
@@ -246,12 +298,20 @@ class Manifest:
         out: dict[str, Any] = {
             "format": self.format, "base_model": self.base_model, "method": self.method, "rank": self.rank,
             "dtype": self.dtype, "clusters": self.clusters, "peft": self.peft, "fit": self.fit,
-            "modules": {m: {"shape": list(s)} for m, s in self.modules.items()},
+            "modules": {m: self._module_json(m) for m in self.modules},
             "adapters": {n: a.to_json() for n, a in self.adapters.items()},
             "files": {rel: f.to_json() for rel, f in self.files.items()},
         }
         if self.metrics is not None:
             out["metrics"] = self.metrics.to_json()
+        return out
+
+    def _module_json(self, module: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"shape": list(self.modules[module])}
+        if module in self.ranks:
+            out["rank"] = self.ranks[module]
+        if self.quant.get(module):
+            out["quant"] = {role: spec.to_json() for role, spec in self.quant[module].items()}
         return out
 
     @classmethod
@@ -279,9 +339,9 @@ class Manifest:
         for key in ("peft", "fit"):
             if not isinstance(data.get(key, {}), dict):
                 p.append(f"`{key}` is not an object")
-        modules = _parse_modules(data["modules"], p)
+        modules, ranks, quant = _parse_modules(data["modules"], p)
         if _is_int(data["rank"], 1):
-            _check_rank_fits(data["rank"], modules, p)
+            _check_rank_fits(data["rank"], modules, ranks, p)
         files = _parse_files(data["files"], p)
         adapters = _parse_adapters(data["adapters"], files, data["clusters"], p)
         if p:
@@ -289,30 +349,47 @@ class Manifest:
         return cls(base_model=data["base_model"], method=data["method"], rank=data["rank"], dtype=data["dtype"],
                    clusters=data["clusters"], modules=modules, adapters=adapters, files=files,
                    peft=data["peft"], fit=data.get("fit", {}),
-                   metrics=BundleMetrics.from_json(data.get("metrics"), label), format=data["format"])
+                   metrics=BundleMetrics.from_json(data.get("metrics"), label), format=data["format"],
+                   ranks=ranks, quant=quant)
 
 
-def _parse_modules(raw: object, p: list[str]) -> dict[str, tuple[int, int]]:
+def _parse_modules(raw: object, p: list[str]
+                   ) -> tuple[dict[str, tuple[int, int]], dict[str, int], dict[str, dict[str, QuantSpec]]]:
+    """modules -> (shapes, per-module ranks, per-module quantization); problems appended to ``p``."""
     if not isinstance(raw, dict) or not raw:
         p.append("`modules` is not a non-empty object")
-        return {}
-    out = {}
+        return {}, {}, {}
+    out, ranks, quant = {}, {}, {}
     for module, meta in raw.items():
         shape = meta.get("shape") if isinstance(meta, dict) else None
         if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d, 1) for d in shape)):
             p.append(f"module `{module}` needs `shape` [d_out, d_in] of positive integers, not {shape!r}")
             continue
         out[module] = (shape[0], shape[1])
-    return out
+        if "rank" in meta:
+            if _is_int(meta["rank"], 1):
+                ranks[module] = meta["rank"]
+            else:
+                p.append(f"module `{module}`: `rank` {meta['rank']!r} is not a positive integer")
+        q = meta.get("quant", {})
+        if not isinstance(q, dict) or set(q) - set(ROLES):
+            p.append(f"module `{module}`: `quant` must be an object with keys among {', '.join(ROLES)}, not {q!r}")
+            continue
+        specs = {role: QuantSpec.parse(v, f"module `{module}` quant.{role}", p) for role, v in q.items()}
+        if specs and all(specs.values()):
+            quant[module] = specs
+    return out, ranks, quant
 
 
-def _check_rank_fits(rank: int, modules: dict[str, tuple[int, int]], p: list[str]) -> None:
-    """``rank`` <= min(d_out, d_in) of every module: a larger k adds nothing a rank-min(d_out, d_in)
-    basis cannot express, only bytes (a k x k core per adapter, d x k PEFT factors on export)."""
-    too_small = [f"`{m}` ({d_out} x {d_in})" for m, (d_out, d_in) in modules.items() if rank > min(d_out, d_in)]
+def _check_rank_fits(rank: int, modules: dict[str, tuple[int, int]], ranks: dict[str, int], p: list[str]) -> None:
+    """Each module's k <= min(d_out, d_in) (a larger k adds nothing a rank-min(d_out, d_in) basis
+    cannot express, only bytes) and <= the bundle's ``rank`` (the largest k)."""
+    too_small = [(ranks.get(m, rank), f"`{m}` ({d_out} x {d_in})") for m, (d_out, d_in) in modules.items()
+                 if ranks.get(m, rank) > min(d_out, d_in)]
     if too_small:
         more = f" and {len(too_small) - 1} more" if len(too_small) > 1 else ""
-        p.append(f"`rank` {rank} exceeds min(d_out, d_in) of module {too_small[0]}{more}")
+        p.append(f"`rank` {too_small[0][0]} exceeds min(d_out, d_in) of module {too_small[0][1]}{more}")
+    p.extend(f"module `{m}`: `rank` {k} exceeds the bundle's `rank` {rank}" for m, k in ranks.items() if k > rank)
 
 
 def _parse_files(raw: object, p: list[str]) -> dict[str, FileEntry]:
@@ -376,14 +453,38 @@ class BundleBuilder:
         self.basis: dict[str, torch.Tensor] = {}
         self.cores: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
         self.shapes: dict[str, tuple[int, int]] = {}
+        self.ranks: dict[str, int] = {}
+        self.quant: dict[str, dict[str, QuantSpec]] = {}
 
-    def add_module(self, module: str, U: list[torch.Tensor], V: list[torch.Tensor], cores: torch.Tensor) -> None:
+    def _put(self, out: dict[str, torch.Tensor], name: str, value: torch.Tensor | QTensor) -> None:
+        import torch
+
+        if isinstance(value, QTensor):
+            q, s = quant_keys(name)
+            out[q] = torch.from_numpy(value.packed.copy())
+            out[s] = torch.from_numpy(value.scale.astype("float16"))
+        else:
+            out[name] = value.to(self.dtype).contiguous()
+
+    def add_module(self, module: str, U: list[torch.Tensor | QTensor], V: list[torch.Tensor | QTensor],
+                   cores: torch.Tensor | list[QTensor]) -> None:
+        """Store one module: float tensors at the builder's dtype, :class:`QTensor` as codes + scales.
+        k of the module is U's column count (it may differ between modules)."""
         self.shapes[module] = (int(U[0].shape[0]), int(V[0].shape[0]))
+        self.ranks[module] = int(U[0].shape[1])
+        specs = {role: x[0].spec for role, x in (("basis", U), ("cores", cores)) if isinstance(x[0], QTensor)}
+        if specs:
+            self.quant[module] = specs
         for c in range(self.n_clusters if self.reuse_basis is None else 0):
-            self.basis[basis_key(module, "U", c, self.n_clusters)] = U[c].to(self.dtype).contiguous()
-            self.basis[basis_key(module, "V", c, self.n_clusters)] = V[c].to(self.dtype).contiguous()
+            self._put(self.basis, basis_key(module, "U", c, self.n_clusters), U[c])
+            self._put(self.basis, basis_key(module, "V", c, self.n_clusters), V[c])
         for i, name in enumerate(self.names):
-            self.cores[name][f"{module}.S"] = cores[i].to(self.dtype).contiguous()
+            self._put(self.cores[name], f"{module}.S", cores[i])
+
+    def manifest_fields(self) -> dict[str, Any]:
+        """``rank`` (the largest k), per-module ``ranks`` where they differ from it, ``quant``."""
+        top = max(self.ranks.values())
+        return {"rank": top, "ranks": {m: k for m, k in self.ranks.items() if k != top}, "quant": dict(self.quant)}
 
     def tensor_bytes(self) -> int:
         """Bytes of tensor payload this bundle adds (basis unless reused, all cores), as stored."""
@@ -488,24 +589,28 @@ class Bundle:
                     code="files_mismatch")
 
     def _load(self, rel: str) -> dict[str, torch.Tensor]:
+        """The float tensors of file ``rel`` (validated; quantized ones checked and dequantized)."""
         from safetensors.torch import load_file
 
         from soppu_client.format.safetensors_check import validate_safetensors
 
         validate_safetensors(self.path / rel, expected=self.manifest.expected_tensors(rel))
-        return load_file(str(self.path / rel))
+        raw = load_file(str(self.path / rel))
+        check_scales(self.manifest, rel, raw, f"bundle {self.path}")
+        return dequantize_file(self.manifest, rel, raw)
 
     def load_basis(self) -> dict[str, torch.Tensor]:
-        """All basis tensors (validated, read once per Bundle), keyed as :func:`basis_key` names them."""
+        """All basis tensors (validated, dequantized, read once per Bundle), keyed as :func:`basis_key` names them."""
         if self._basis is None:
             self._basis = self._load(BASIS)
         return self._basis
 
     def load_cores(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s cores {"<module>.S": [k_m, k_m] or [k_m]} (dequantized: float32)."""
         return self._load(self.adapter_entry(name).core)
 
     def bases(self, module: str, cluster: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U [d_out, k], V [d_in, k]) of ``module`` for ``cluster``, in the stored dtype."""
+        """(U [d_out, k], V [d_in, k]) of ``module`` for ``cluster``, in the stored dtype (float32 if quantized)."""
         if module not in self.manifest.modules or not 0 <= cluster < self.n_clusters:
             raise InputError(f"bundle {self.path} has no basis for module `{module}`, cluster {cluster}")
         basis = self.load_basis()
@@ -523,13 +628,67 @@ class Bundle:
             yield module, V.T.contiguous(), B.contiguous()
 
 
+# --------------------------------------------------------------------------- quantized tensors
+
+
+def _quantized_entries(manifest: Manifest, rel: str) -> Iterator[tuple[str, str, str, tuple[int, ...], QuantSpec]]:
+    """(module, tensor name, role, logical shape, spec) of each quantized tensor file ``rel`` holds."""
+    for module, (d_out, d_in) in manifest.modules.items():
+        k = manifest.module_rank(module)
+        if rel == BASIS and (spec := manifest.quant_spec(module, "basis")) is not None:
+            for c in range(manifest.clusters):
+                yield module, basis_key(module, "U", c, manifest.clusters), "basis", (d_out, k), spec
+                yield module, basis_key(module, "V", c, manifest.clusters), "basis", (d_in, k), spec
+        elif rel != BASIS and (spec := manifest.quant_spec(module, "cores")) is not None:
+            yield module, f"{module}.S", "cores", manifest.core_shape(module), spec
+
+
+def scale_tensor_names(manifest: Manifest, rel: str) -> list[str]:
+    """Names of the scale tensors file ``rel`` holds (none for a bundle without quantization)."""
+    return [quant_keys(name)[1] for _m, name, _r, _s, _q in _quantized_entries(manifest, rel)]
+
+
+def check_scales(manifest: Manifest, rel: str, tensors: dict[str, Any], label: str) -> None:
+    """Every scale tensor of file ``rel`` is finite and > 0 (``tensors``: name -> array-like, at
+    least the scale tensors). One BundleError names the file, each bad tensor and its module."""
+    import numpy as np
+
+    problems = []
+    for module, name, role, _shape, _spec in _quantized_entries(manifest, rel):
+        key = quant_keys(name)[1]
+        if key not in tensors:
+            continue  # presence, dtype and shape are validate_safetensors' (expected_tensors)
+        t = tensors[key]
+        why = scale_problem(t.float().numpy() if hasattr(t, "float") else np.asarray(t))
+        if why:
+            problems.append(f"module `{module}`: `{key}` ({role} scales) {why}")
+    if problems:
+        raise BundleError(f"{label}: {rel} has malformed quantization scales:\n"
+                          + "\n".join(f"  - {x}" for x in problems)
+                          + "\nre-run `soppu compress --bits ...` to write the bundle again")
+
+
+def dequantize_file(manifest: Manifest, rel: str, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``raw`` with each quantized tensor's codes + scales replaced by its float32 values."""
+    import torch
+
+    out = dict(raw)
+    for _module, name, role, shape, spec in _quantized_entries(manifest, rel):
+        q, s = quant_keys(name)
+        out[name] = torch.from_numpy(dequantize(out.pop(q).numpy(), out.pop(s).float().numpy(), spec, shape, role))
+    return out
+
+
 # --------------------------------------------------------------------------- PEFT
 
 
 def peft_config_for(bundle: Bundle) -> dict[str, Any]:
-    """adapter_config.json of an exported adapter: r = k, lora_alpha = k (scaling 1)."""
+    """adapter_config.json of an exported adapter: r = k, lora_alpha = k (scaling 1). With
+    per-module ranks, r is the largest k and PEFT's ``rank_pattern`` / ``alpha_pattern`` give every
+    other module its own k (alpha = k: scaling 1 everywhere); keys are the full module names."""
     k = bundle.rank
     peft = bundle.manifest.peft
+    pattern = {m: r for m in bundle.modules if (r := bundle.manifest.module_rank(m)) != k}
     config = {
         "peft_type": "LORA",
         "base_model_name_or_path": bundle.manifest.base_model,
@@ -540,8 +699,8 @@ def peft_config_for(bundle: Bundle) -> dict[str, Any]:
         "use_rslora": False,
         "use_dora": False,
         "inference_mode": True,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": dict(pattern),
+        "alpha_pattern": dict(pattern),
         "target_modules": peft.get("target_modules"),
         "fan_in_fan_out": bool(peft.get("fan_in_fan_out", False)),
         "task_type": peft.get("task_type") or "CAUSAL_LM",

@@ -5,11 +5,16 @@ loads it, keeps the cluster's basis on the device once per layer and moves only 
 
     <dir>/adapter_config.json   {"peft_type": "SOPPU_COMPRESSED", "format": "soppu-compressed/1",
                                  "adapter", "base_model_name_or_path", "target_modules", "method",
-                                 "rank", "dtype", "modules": {"<module>": [d_out, d_in]},
+                                 "rank", "ranks": {"<module>": k}, "dtype",
+                                 "modules": {"<module>": [d_out, d_in]},
                                  "source_rank", "basis": {"file", "sha256", "size", "cluster",
                                  "bundle_basis_sha256"}, "cores": {"file", "sha256", "size"}}
     <dir>/basis.safetensors     "<module>.U" [d_out, k], "<module>.V" [d_in, k]  (its cluster only)
     <dir>/cores.safetensors     "<module>.S" [k, k] (full) or [k] (diag)
+
+``rank`` is the largest k; ``ranks`` gives each module's own k (bundles with per-module ranks).
+Tensors are float: a quantized bundle is dequantized here, once, and written as float32
+(``dtype`` then says ``float32``); engines that stack layers pad smaller k with zeros (exact).
 
 Semantics: the adapter's update of ``<module>`` is ``dW = U @ S @ V.T`` (diag: ``U @ diag(s) @
 V.T``), applied with scaling 1 -- the same matrix as the PEFT export (r = k, lora_A = V.T,
@@ -64,13 +69,17 @@ def write_compressed_files(bundle: Bundle, name: str, dest: Path) -> dict:
     entry = bundle.adapter_entry(name)
     c = bundle.cluster_of(name)
     cores = bundle.load_cores(name)
-    basis_out, cores_out, modules = {}, {}, {}
+    basis_out, cores_out, modules, ranks = {}, {}, {}, {}
     for module, shape in bundle.manifest.modules.items():
         U, V = bundle.bases(module, c)
+        S = cores[f"{module}.S"]
+        if bundle.manifest.quant:  # one dtype per file: every tensor float32 (quantized ones are already)
+            U, V, S = U.float(), V.float(), S.float()
         basis_out[f"{module}.U"] = U.contiguous()
         basis_out[f"{module}.V"] = V.contiguous()
-        cores_out[f"{module}.S"] = cores[f"{module}.S"].contiguous()
+        cores_out[f"{module}.S"] = S.contiguous()
         modules[module] = list(shape)
+        ranks[module] = bundle.manifest.module_rank(module)
     # Metadata identical for every adapter: the basis file is the same bytes across a cluster.
     save_file(basis_out, str(dest / BASIS_FILE), metadata={"format": "pt"})
     save_file(cores_out, str(dest / CORES_FILE), metadata={"format": "pt"})
@@ -83,7 +92,8 @@ def write_compressed_files(bundle: Bundle, name: str, dest: Path) -> dict:
         "target_modules": peft.get("target_modules"),
         "method": bundle.manifest.method,
         "rank": bundle.rank,
-        "dtype": bundle.manifest.dtype,
+        "ranks": ranks,
+        "dtype": "float32" if bundle.manifest.quant else bundle.manifest.dtype,
         "modules": modules,
         "source_rank": entry.source_rank,
         "basis": {**_file_entry(dest / BASIS_FILE), "cluster": c,

@@ -119,28 +119,31 @@ def test_objective_is_monotone(method):
     assert (h[-1] > h[0]) if method == "full" else (h[-1] < h[0])
 
 
-def _weighted_error(factors, U, V):
-    """sum_i ||dW_i - U U.T dW_i V V.T||^2 / ||dW_i||^2 for orthonormal U, V (dense)."""
+def _weighted_error(factors, U, V, weighting="equal"):
+    """sum_i w_i ||dW_i - U U.T dW_i V V.T||^2 for orthonormal U, V (dense); w_i = 1 / ||dW_i||^2
+    (equal) or 1 (norm)."""
     total = 0.0
     for A, B in factors:
         dW = B @ A
-        total += np.linalg.norm(dW - U @ (U.T @ dW @ V) @ V.T) ** 2 / np.linalg.norm(dW) ** 2
+        w = 1.0 / np.linalg.norm(dW) ** 2 if weighting == "equal" else 1.0
+        total += w * np.linalg.norm(dW - U @ (U.T @ dW @ V) @ V.T) ** 2
     return total
 
 
-def test_jd_full_beats_random_basis_and_stacked_svd():
+@pytest.mark.parametrize("weighting", ["equal", "norm"])
+def test_jd_full_beats_random_basis_and_stacked_svd(weighting):
     factors = _collection(6, n=6)
     k = 5
-    fit = fit_module(factors, CompressConfig(rank=k, float64=True, tol=1e-10))
-    ours = _weighted_error(factors, fit.U[0].numpy(), fit.V[0].numpy())
+    fit = fit_module(factors, CompressConfig(rank=k, float64=True, tol=1e-10, weighting=weighting))
+    ours = _weighted_error(factors, fit.U[0].numpy(), fit.V[0].numpy(), weighting)
     rng = np.random.default_rng(0)
     Ur, _ = np.linalg.qr(rng.standard_normal((40, k)))
     Vr, _ = np.linalg.qr(rng.standard_normal((30, k)))
-    random_basis = _weighted_error(factors, Ur, Vr)
+    random_basis = _weighted_error(factors, Ur, Vr, weighting)
     # plain SVD of the stacked factors: U from [B_1 .. B_N], V from [A_1.T .. A_N.T]
     Us = np.linalg.svd(np.hstack([B for _, B in factors]), full_matrices=False)[0][:, :k]
     Vs = np.linalg.svd(np.hstack([A.T for A, _ in factors]), full_matrices=False)[0][:, :k]
-    stacked = _weighted_error(factors, Us, Vs)
+    stacked = _weighted_error(factors, Us, Vs, weighting)
     assert ours < stacked < random_basis
     assert ours < 0.97 * stacked
 
