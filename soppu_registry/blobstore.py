@@ -32,6 +32,7 @@ CHUNK = 1 << 16
 
 class BlobStore(Protocol):
     url: str
+    local_stat: bool  # stat is a local syscall (dir), not a network round trip (S3 HEAD)
 
     def stat(self, hex_digest: str) -> tuple[int, float] | None: ...  # (size, mtime) or None
     def put(self, hex_digest: str, src: Path) -> None: ...  # src: verified local file, consumed
@@ -45,6 +46,8 @@ class BlobStore(Protocol):
 
 class DirBlobStore:
     """``<dir>/ab/<hex>``; every put is an fsynced temp file renamed into place, then fsync(dir)."""
+
+    local_stat = True
 
     def __init__(self, blob_dir: Path):
         self.dir = Path(blob_dir)
@@ -103,6 +106,8 @@ class S3BlobStore:
     any source boto3 reads). ``cache_dir`` keeps verified local copies for the registry's checks,
     bounded by ``cache_bytes`` (oldest-used evicted first).
     """
+
+    local_stat = False
 
     def __init__(self, url: str, cache_dir: Path, cache_bytes: int = 1 << 30, *, create_bucket: bool = False):
         import boto3

@@ -72,8 +72,9 @@ def check_blobs(store: Storage, files: list[dict[str, Any]], owner: str) -> None
     exactly as an absent one, without its size: the error describes only the caller's own blobs,
     and nothing another owner stored is read before this check passes."""
     problems = []
+    sizes = store.owned_blob_sizes(owner, [f["sha256"] for f in files])  # set-based: one query per chunk
     for f in files:
-        size = store.blob_size(f["sha256"]) if store.owns_blob(owner, f["sha256"]) else None
+        size = sizes[f["sha256"]]
         if size is None:
             problems.append(("missing_blob", f"{f['path']} (sha256:{f['sha256']}) was not uploaded"))
         elif size != f["size"]:

@@ -12,7 +12,9 @@ here supplies only what differs:
   sequences never interleave.
 * ``read()``: one statement outside a write transaction (a consistent snapshot of that statement).
 * rows answer both ``row[0]`` and ``row["column"]``.
-* schema version (SQLite ``PRAGMA user_version``; PostgreSQL a ``soppu_meta`` row).
+* schema version (SQLite ``PRAGMA user_version``; PostgreSQL a ``soppu_meta`` row), ``has_table``.
+
+Set-based checks (one statement for many keys, not one per key) go through ``select_in``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,26 @@ class Database(Protocol):
     def set_schema_version(self, db: Tx, version: int) -> None: ...
     def create_schema(self, schema: str) -> None: ...
     def integrity_check(self) -> str: ...
+    def has_table(self, db: Tx, table: str) -> bool: ...
+
+
+IN_CHUNK = 900  # keys per statement: below SQLite's oldest variable limit (999), a few round trips at most
+
+
+def select_in(db: Tx | Database, sql: str, args: Sequence[Any], keys: Sequence[Any],
+              chunk: int = IN_CHUNK) -> list[Any]:
+    """Rows of ``sql`` whose ``IN (?*)`` marker is bound to ``keys`` (after ``args``), run once per
+    ``chunk`` distinct keys and concatenated: ``ceil(len(keys) / chunk)`` round trips on every backend.
+    ``db``: a transaction, or a Database (each chunk then a ``read`` outside any write transaction)."""
+    if "IN (?*)" not in sql:
+        raise ValueError("select_in: the SQL needs an 'IN (?*)' marker")
+    unique = list(dict.fromkeys(keys))
+    out: list[Any] = []
+    for i in range(0, len(unique), chunk):
+        part = unique[i:i + chunk]
+        stmt, bound = sql.replace("IN (?*)", "IN (" + ",".join("?" * len(part)) + ")"), (*args, *part)
+        out.extend(db.read(stmt, bound) if hasattr(db, "read") else db.execute(stmt, bound).fetchall())
+    return out
 
 
 class SqliteDatabase:
@@ -91,6 +113,9 @@ class SqliteDatabase:
 
     def integrity_check(self) -> str:
         return str(self.read("PRAGMA integrity_check")[0][0])
+
+    def has_table(self, db: Tx, table: str) -> bool:
+        return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone() is not None
 
 
 class Row(tuple):  # noqa: SLOT001
@@ -224,6 +249,10 @@ class PostgresDatabase:
         """PostgreSQL keeps its own consistency; "ok" once a query answers."""
         self.read("SELECT 1")
         return "ok"
+
+    def has_table(self, db: Tx, table: str) -> bool:
+        return db.execute("SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema() "
+                          "AND table_name = ?", (table,)).fetchone() is not None
 
     def close(self) -> None:
         with self._lock:

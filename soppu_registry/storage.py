@@ -2,7 +2,10 @@
 
 ``sqlite+dir`` (the default, one machine): a data dir::
 
-    <data>/registry.sqlite3          owners, keys, tokens (sha256 only), versions, version_files
+    <data>/registry.sqlite3          owners, keys, tokens (sha256 only), versions, blob_owners, and
+                                     file_sets / file_set_members / signatures: each distinct files
+                                     list and signature document once, referenced by digest from
+                                     ``versions`` (a bundle's N adapters share one of each)
     <data>/blobs/sha256/ab/<hex>     immutable blobs, named by their sha256
     <data>/tmp/                      partial uploads; emptied when a server starts
 
@@ -53,7 +56,7 @@ from typing import Any, BinaryIO
 from soppu_client.format.names import BASIS, OWNER_RE
 from soppu_registry.blobstore import BlobStore, DirBlobStore, open_blobs
 from soppu_registry.errors import ApiError
-from soppu_registry.sqldb import Database, SqliteDatabase, Tx, open_database, redact
+from soppu_registry.sqldb import Database, SqliteDatabase, Tx, open_database, redact, select_in
 
 CHUNK = 1 << 16
 
@@ -85,22 +88,28 @@ CREATE TABLE IF NOT EXISTS versions (
     name TEXT NOT NULL,
     version INTEGER NOT NULL,
     base_model TEXT NOT NULL,
-    files_digest TEXT NOT NULL,          -- sha256 of canonical files list: "same bytes" identity
-    signature TEXT NOT NULL,             -- signature.json document as stored JSON
-    files TEXT NOT NULL,                 -- JSON list [{path, sha256, size}]
+    files_digest TEXT NOT NULL,          -- -> file_sets: the version's files; also its "same bytes" identity
+    sig_digest TEXT NOT NULL,            -- -> signatures: the signature.json document
     published_at TEXT NOT NULL,
     PRIMARY KEY (owner, name, version)
 );
-CREATE TABLE IF NOT EXISTS version_files (
-    owner TEXT NOT NULL,
-    name TEXT NOT NULL,
-    version INTEGER NOT NULL,
+CREATE INDEX IF NOT EXISTS versions_files ON versions(files_digest, owner);
+CREATE TABLE IF NOT EXISTS file_sets (   -- each distinct files list once (a bundle's N adapters share one)
+    files_digest TEXT PRIMARY KEY,       -- files_digest(files)
+    files TEXT NOT NULL                  -- JSON list [{path, sha256, size}] as first published
+);
+CREATE TABLE IF NOT EXISTS file_set_members (
+    files_digest TEXT NOT NULL,
     path TEXT NOT NULL,
     sha256 TEXT NOT NULL,
     size BIGINT NOT NULL,
-    PRIMARY KEY (owner, name, version, path)
+    PRIMARY KEY (files_digest, path)
 );
-CREATE INDEX IF NOT EXISTS version_files_sha ON version_files(sha256);
+CREATE INDEX IF NOT EXISTS file_set_members_sha ON file_set_members(sha256);
+CREATE TABLE IF NOT EXISTS signatures (  -- each distinct signature document once
+    sig_digest TEXT PRIMARY KEY,         -- sha256 of doc
+    doc TEXT NOT NULL                    -- signature.json as canonical JSON (sorted keys)
+);
 CREATE TABLE IF NOT EXISTS blob_owners (
     sha256 TEXT NOT NULL,
     owner TEXT NOT NULL,
@@ -112,7 +121,12 @@ CREATE INDEX IF NOT EXISTS blob_owners_owner ON blob_owners(owner);
 """
 
 # Schema version of a store whose schema is current; `Storage._migrate` brings older ones up.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# "owner O has a published version listing blob X" (X: ``{sha}``, O: ``{owner}``): the one join that
+# ownership, quotas, gc and blob reads share.
+_LISTED_BY = ("EXISTS (SELECT 1 FROM file_set_members m JOIN versions v ON v.files_digest = m.files_digest "
+              "WHERE m.sha256 = {sha} AND v.owner = {owner})")
 
 
 def utcnow() -> str:
@@ -127,18 +141,40 @@ def files_digest(files: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
+def sig_digest(doc_json: str) -> str:
+    """Identity of a stored signature document: sha256 of its canonical JSON text."""
+    return hashlib.sha256(doc_json.encode()).hexdigest()
+
+
 def _owns(db: Tx, owner: str, hex_digest: str) -> bool:
     return db.execute("SELECT 1 FROM blob_owners WHERE sha256=? AND owner=?", (hex_digest, owner)).fetchone() is not None
+
+
+_UNPUBLISHED = ("SELECT COALESCE(SUM(bo.size), 0) FROM blob_owners bo WHERE bo.owner = ? AND bo.sha256 != ? "
+                "AND NOT " + _LISTED_BY.format(sha="bo.sha256", owner="bo.owner"))
 
 
 def unpublished_bytes(db: Tx, owner: str, *, exclude: str | None = None) -> int:
     """Bytes of the blobs ``owner`` owns that none of its published versions lists (``exclude``: one
     digest left out, the blob being stored)."""
-    row = db.execute(
-        "SELECT COALESCE(SUM(bo.size), 0) FROM blob_owners bo WHERE bo.owner = ? AND bo.sha256 != ? "
-        "AND NOT EXISTS (SELECT 1 FROM version_files vf WHERE vf.owner = bo.owner AND vf.sha256 = bo.sha256)",
-        (owner, exclude or "")).fetchone()
-    return int(row[0])
+    return int(db.execute(_UNPUBLISHED, (owner, exclude or "")).fetchone()[0])
+
+
+def _store_file_set(db: Tx, ident: str, files: list[dict[str, Any]]) -> None:
+    """Record a files list under its digest once (no-op when already stored)."""
+    if db.execute("SELECT 1 FROM file_sets WHERE files_digest = ?", (ident,)).fetchone():
+        return
+    db.execute("INSERT INTO file_sets(files_digest, files) VALUES (?, ?)", (ident, json.dumps(files)))
+    db.executemany("INSERT INTO file_set_members(files_digest, path, sha256, size) VALUES (?,?,?,?)",
+                   [(ident, f["path"], f["sha256"], int(f["size"])) for f in files])
+
+
+def _store_signature(db: Tx, doc_json: str) -> str:
+    """Record a signature document (canonical JSON) once; returns its digest."""
+    digest = sig_digest(doc_json)
+    db.execute("INSERT INTO signatures(sig_digest, doc) VALUES (?, ?) ON CONFLICT(sig_digest) DO NOTHING",
+               (digest, doc_json))
+    return digest
 
 
 def quota_error(owner: str, quota: int, used: int, hex_digest: str, size: int) -> ApiError:
@@ -278,19 +314,28 @@ class Storage:
         return f"{self.backend}: database {redact(self.db.url)}, blobs {redact(self.blobs.url)}"
 
     def _migrate(self) -> None:
-        """Bring an older store to ``SCHEMA_VERSION`` (idempotent; safe with a server running).
+        """Bring an older store to ``SCHEMA_VERSION`` in one write transaction (idempotent; safe with
+        servers of this version running: they wait on the write lock, then find it done).
 
         0 -> 1: ``blob_owners`` appears. A blob listed by a published version belongs to that
         version's owner; blobs no version lists stay unowned (gc removes them; a re-upload claims them).
+        1 -> 2: each distinct files list and signature document is stored once (``file_sets``,
+        ``file_set_members``, ``signatures``) and ``versions`` rows reference them by digest; the
+        per-version copies (``versions.signature``/``files`` and ``version_files``) are dropped.
         """
         if self.db.schema_version() >= SCHEMA_VERSION:  # current: no write lock taken
             return
         with self.tx() as db:
-            if self.db.schema_version() >= SCHEMA_VERSION:  # another process did it (we hold the lock now)
+            old = self.db.schema_version()
+            if old >= SCHEMA_VERSION:  # another process did it (we hold the lock now)
                 return
-            db.execute("INSERT INTO blob_owners(sha256, owner, size, touched_at) "
-                       "SELECT sha256, owner, MAX(size), ? FROM version_files WHERE true GROUP BY sha256, owner "
-                       "ON CONFLICT DO NOTHING", (time.time(),))
+            if self.db.has_table(db, "version_files"):
+                _migrate_inline_versions(db)
+            if old < 1:
+                db.execute("INSERT INTO blob_owners(sha256, owner, size, touched_at) "
+                           "SELECT m.sha256, v.owner, MAX(m.size), ? FROM versions v JOIN file_set_members m "
+                           "ON m.files_digest = v.files_digest WHERE true GROUP BY m.sha256, v.owner "
+                           "ON CONFLICT DO NOTHING", (time.time(),))
             self.db.set_schema_version(db, SCHEMA_VERSION)
 
     # -- transactions --------------------------------------------------------------------------
@@ -323,14 +368,27 @@ class Storage:
         st = self.blobs.stat(hex_digest)
         return None if st is None else st[0]
 
-    def _blob_sizes(self, digests: list[str]) -> dict[str, int | None]:
-        """Stored sizes of many blobs; S3 HEADs run 16 at a time (publish holds the write lock)."""
-        unique = sorted(set(digests))
-        if isinstance(self.blobs, DirBlobStore) or len(unique) < 4:
-            return {h: self.blob_size(h) for h in unique}
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(16) as pool:
-            return dict(zip(unique, pool.map(self.blob_size, unique)))
+    def owned_blob_sizes(self, owner: str, digests: list[str]) -> dict[str, int | None]:
+        """For each digest: its stored size if ``owner`` owns it, else None. Set-based: one query
+        per ``IN_CHUNK`` digests, no write lock (see ``_owned_sizes``); for the publish checks."""
+        return self._owned_sizes(self.db, owner, digests)
+
+    def _owned_sizes(self, db: Tx | Database, owner: str, digests: list[str]) -> dict[str, int | None]:
+        """Stored sizes of the blobs in ``digests`` that ``owner`` owns (None: not owned, or gone).
+
+        The size comes from ``blob_owners``: every row there was written after the stored copy's
+        size was confirmed (``BlobWriter.commit``, inside the write transaction), and a blob is
+        deleted only together with all its owner rows (gc, in one transaction), so a row means the
+        blob is stored with that size. A directory store is stat'ed as well (local, cheap); an S3
+        store is not HEADed per object (a round trip each, under the write lock)."""
+        owned = {r[0]: int(r[1]) for r in select_in(
+            db, "SELECT sha256, size FROM blob_owners WHERE owner = ? AND sha256 IN (?*)", (owner,), digests)}
+        out: dict[str, int | None] = {h: owned.get(h) for h in digests}
+        if self.blobs.local_stat:
+            for h, size in out.items():
+                if size is not None:
+                    out[h] = self.blob_size(h)
+        return out
 
     def blob_owners(self, hex_digest: str) -> set[str]:
         """Owners that uploaded (or proved possession of) this blob."""
@@ -341,11 +399,7 @@ class Storage:
 
     def unpublished_bytes(self, owner: str, *, exclude: str | None = None) -> int:
         """Bytes counted against ``owner``'s quota (see ``unpublished_bytes``)."""
-        rows = self.read(
-            "SELECT COALESCE(SUM(bo.size), 0) FROM blob_owners bo WHERE bo.owner = ? AND bo.sha256 != ? "
-            "AND NOT EXISTS (SELECT 1 FROM version_files vf WHERE vf.owner = bo.owner AND vf.sha256 = bo.sha256)",
-            (owner, exclude or ""))
-        return int(rows[0][0])
+        return int(self.read(_UNPUBLISHED, (owner, exclude or ""))[0][0])
 
     def quota_room(self, owner: str, hex_digest: str, quota: int | None) -> int | None:
         """Bytes ``owner`` may still upload as ``hex_digest`` under ``quota``; None when unbounded
@@ -379,7 +433,8 @@ class Storage:
         removed, freed, referenced, recent = [], 0, 0, 0
         for hexd in list(self.blobs.list()):
             with self.tx() as db:
-                if db.execute("SELECT 1 FROM version_files WHERE sha256=? LIMIT 1", (hexd,)).fetchone():
+                if db.execute("SELECT 1 FROM file_set_members m JOIN versions v ON v.files_digest = m.files_digest "
+                              "WHERE m.sha256 = ? LIMIT 1", (hexd,)).fetchone():
                     referenced += 1
                     continue
                 st = self.blobs.stat(hexd)
@@ -394,8 +449,8 @@ class Storage:
                     self.blobs.delete(hexd)
                 removed.append(hexd)
                 freed += st[0]
-        stale = ("FROM blob_owners WHERE touched_at < ? AND NOT EXISTS (SELECT 1 FROM version_files vf "
-                 "WHERE vf.owner = blob_owners.owner AND vf.sha256 = blob_owners.sha256)")
+        stale = ("FROM blob_owners WHERE touched_at < ? AND NOT "
+                 + _LISTED_BY.format(sha="blob_owners.sha256", owner="blob_owners.owner"))
         with self.tx() as db:
             if dry_run:
                 released = db.execute(f"SELECT COUNT(*) {stale}", (now - grace_seconds,)).fetchone()[0]
@@ -415,7 +470,8 @@ class Storage:
 
     def blob_referenced_by(self, hex_digest: str) -> set[str]:
         """Owners with at least one published version listing this blob."""
-        rows = self.read("SELECT DISTINCT owner FROM version_files WHERE sha256 = ?", (hex_digest,))
+        rows = self.read("SELECT DISTINCT v.owner FROM file_set_members m JOIN versions v "
+                         "ON v.files_digest = m.files_digest WHERE m.sha256 = ?", (hex_digest,))
         return {r["owner"] for r in rows}
 
     # -- owners and keys ---------------------------------------------------------------------
@@ -500,47 +556,58 @@ class Storage:
         ``rollback`` (or a blob gc removed since the checks) rolls back every row of the batch."""
         ident = files_digest(files)
         with self.tx() as db:
-            out = {name: self._version_status(db, owner, name, version, ident) for name in names}
+            out = self._version_statuses(db, owner, names, version, ident)
             if 201 not in out.values():
                 return out
-            sizes = self._blob_sizes([f["sha256"] for f in files])
+            sizes = self._owned_sizes(db, owner, [f["sha256"] for f in files])
             for f in files:  # gc may have removed a blob or a claim since check_blobs: re-check inside the tx
-                if not _owns(db, owner, f["sha256"]) or sizes[f["sha256"]] != int(f["size"]):
+                if sizes[f["sha256"]] != int(f["size"]):
                     raise ApiError(400, "missing_blob", f"{f['path']} (sha256:{f['sha256']}) was not uploaded")
-            published_at, sig = utcnow(), json.dumps(signature_doc, sort_keys=True)
-            for name in (n for n, status in out.items() if status == 201):
-                db.execute("INSERT INTO versions(owner,name,version,base_model,files_digest,signature,files,published_at) "
-                           "VALUES (?,?,?,?,?,?,?,?)",
-                           (owner, name, version, base_model, ident, sig, json.dumps(files), published_at))
-                db.executemany("INSERT INTO version_files(owner,name,version,path,sha256,size) VALUES (?,?,?,?,?,?)",
-                               [(owner, name, version, f["path"], f["sha256"], int(f["size"])) for f in files])
+            _store_file_set(db, ident, files)
+            sig = _store_signature(db, json.dumps(signature_doc, sort_keys=True))
+            published_at = utcnow()
+            db.executemany("INSERT INTO versions(owner,name,version,base_model,files_digest,sig_digest,published_at) "
+                           "VALUES (?,?,?,?,?,?,?)",
+                           [(owner, name, version, base_model, ident, sig, published_at)
+                            for name, status in out.items() if status == 201])
         return out
 
     @staticmethod
-    def _version_status(db: Tx, owner: str, name: str, version: int, ident: str) -> int:
-        """200 if this exact version is published with these files, 201 if it may be inserted;
-        else 409 ``conflict`` (same version, other files) or ``rollback`` (not above the latest)."""
-        row = db.execute("SELECT files_digest FROM versions WHERE owner=? AND name=? AND version=?",
-                         (owner, name, version)).fetchone()
-        if row is not None:
-            if row["files_digest"] == ident:
-                return 200
-            raise ApiError(409, "conflict", f"{owner}/{name} version {version} is already published with other content")
-        latest = db.execute("SELECT MAX(version) AS v FROM versions WHERE owner=? AND name=?", (owner, name)).fetchone()["v"]
-        if latest is not None and version <= latest:
-            raise ApiError(409, "rollback", f"{owner}/{name} version {version} is not above the latest published version {latest}")
-        return 201
+    def _version_statuses(db: Tx, owner: str, names: list[str], version: int, ident: str) -> dict[str, int]:
+        """Per name: 200 if this exact version is published with these files, 201 if it may be
+        inserted; else (the first, in ``names`` order) 409 ``conflict`` (same version, other files)
+        or ``rollback`` (not above the latest). Two set-based queries for all names."""
+        same = {r["name"]: r["files_digest"] for r in select_in(
+            db, "SELECT name, files_digest FROM versions WHERE owner=? AND version=? AND name IN (?*)",
+            (owner, version), names)}
+        latest = {r["name"]: r["v"] for r in select_in(
+            db, "SELECT name, MAX(version) AS v FROM versions WHERE owner=? AND name IN (?*) GROUP BY name",
+            (owner,), names)}
+        out: dict[str, int] = {}
+        for name in names:
+            if name in same:
+                if same[name] != ident:
+                    raise ApiError(409, "conflict", f"{owner}/{name} version {version} is already published with other content")
+                out[name] = 200
+            elif latest.get(name) is not None and version <= latest[name]:
+                raise ApiError(409, "rollback", f"{owner}/{name} version {version} is not above the latest published version {latest[name]}")
+            else:
+                out[name] = 201
+        return out
 
     def get_version(self, owner: str, name: str, version: int | None = None) -> dict[str, Any] | None:
+        sql = ("SELECT v.owner, v.name, v.version, v.base_model, v.published_at, fs.files, s.doc FROM versions v "
+               "JOIN file_sets fs ON fs.files_digest = v.files_digest JOIN signatures s ON s.sig_digest = v.sig_digest "
+               "WHERE v.owner=? AND v.name=? ")
         if version is None:
-            rows = self.read("SELECT * FROM versions WHERE owner=? AND name=? ORDER BY version DESC LIMIT 1", (owner, name))
+            rows = self.read(sql + "ORDER BY v.version DESC LIMIT 1", (owner, name))
         else:
-            rows = self.read("SELECT * FROM versions WHERE owner=? AND name=? AND version=?", (owner, name, version))
+            rows = self.read(sql + "AND v.version=?", (owner, name, version))
         if not rows:
             return None
         r = rows[0]
         return {"owner": r["owner"], "name": r["name"], "version": r["version"], "base_model": r["base_model"],
-                "signature": json.loads(r["signature"]), "files": json.loads(r["files"]),
+                "signature": json.loads(r["doc"]), "files": json.loads(r["files"]),
                 "published_at": r["published_at"]}
 
     def list_versions(self, owner: str, name: str) -> list[int]:
@@ -549,12 +616,43 @@ class Storage:
     def bases(self, base_model: str) -> list[dict[str, Any]]:
         """Basis blobs (``BASIS``) of published versions for ``base_model``, with who uses them."""
         rows = self.read(
-            "SELECT vf.sha256, vf.size, v.owner, v.name, v.version FROM versions v JOIN version_files vf "
-            "ON vf.owner=v.owner AND vf.name=v.name AND vf.version=v.version "
-            "WHERE v.base_model=? AND vf.path=? ORDER BY vf.sha256, v.owner, v.name, v.version",
+            "SELECT m.sha256, m.size, v.owner, v.name, v.version FROM versions v JOIN file_set_members m "
+            "ON m.files_digest = v.files_digest "
+            "WHERE v.base_model=? AND m.path=? ORDER BY m.sha256, v.owner, v.name, v.version",
             (base_model, BASIS))
         out: dict[str, dict[str, Any]] = {}
         for r in rows:
             b = out.setdefault(r["sha256"], {"digest": f"sha256:{r['sha256']}", "size": r["size"], "used_by": []})
             b["used_by"].append({"owner": r["owner"], "name": r["name"], "version": r["version"]})
         return list(out.values())
+
+
+_VERSIONS_V2 = """CREATE TABLE versions_v2 (
+    owner TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, base_model TEXT NOT NULL,
+    files_digest TEXT NOT NULL, sig_digest TEXT NOT NULL, published_at TEXT NOT NULL,
+    PRIMARY KEY (owner, name, version))"""
+
+
+def _migrate_inline_versions(db: Tx, batch: int = 200) -> None:
+    """Schema 1 -> 2 inside the caller's write transaction: move each version's inline files list and
+    signature into ``file_sets``/``file_set_members``/``signatures`` (once per distinct digest),
+    rebuild ``versions`` without the inline columns, drop ``version_files``. Reads the old rows in
+    key order, ``batch`` at a time (a signature document can be ~150 KB)."""
+    db.execute(_VERSIONS_V2)
+    cols = "owner, name, version, base_model, files_digest, signature, files, published_at"
+    rows = db.execute(f"SELECT {cols} FROM versions ORDER BY owner, name, version LIMIT ?", (batch,)).fetchall()
+    while rows:
+        moved = []
+        for r in rows:
+            _store_file_set(db, r["files_digest"], json.loads(r["files"]))
+            sig = _store_signature(db, json.dumps(json.loads(r["signature"]), sort_keys=True))
+            moved.append((r["owner"], r["name"], r["version"], r["base_model"], r["files_digest"], sig, r["published_at"]))
+        db.executemany("INSERT INTO versions_v2(owner, name, version, base_model, files_digest, sig_digest, "
+                       "published_at) VALUES (?,?,?,?,?,?,?)", moved)
+        last = rows[-1]
+        rows = db.execute(f"SELECT {cols} FROM versions WHERE (owner, name, version) > (?, ?, ?) "
+                          "ORDER BY owner, name, version LIMIT ?", (last["owner"], last["name"], last["version"], batch)).fetchall()
+    db.execute("DROP TABLE versions")
+    db.execute("DROP TABLE version_files")
+    db.execute("ALTER TABLE versions_v2 RENAME TO versions")
+    db.execute("CREATE INDEX IF NOT EXISTS versions_files ON versions(files_digest, owner)")

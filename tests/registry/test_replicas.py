@@ -177,7 +177,7 @@ def test_kill9_of_a_replica_during_writes_loses_nothing_acknowledged(replicas: R
         _check_acked(url, acked)
     # No half-visible version: every listed blob is stored with its size and hash, and every
     # bundle is all or nothing (both of its adapters at that version, or neither).
-    rows = store.read("SELECT owner, name, version, files FROM versions")
+    rows = store.read("SELECT v.owner, v.name, v.version, fs.files FROM versions v JOIN file_sets fs ON fs.files_digest = v.files_digest")
     assert len(rows) >= 2 * len(acked)
     for row in rows:
         for f in json.loads(row["files"]):
@@ -285,6 +285,6 @@ def test_gc_from_one_place_while_replicas_publish(replicas: Replicas, services: 
     assert hashlib.sha256(stray).hexdigest() in removed, reports
     for url in urls:
         _check_acked(url, acked)
-    for row in store.read("SELECT files FROM versions WHERE owner = ?", (o.name,)):
+    for row in store.read("SELECT fs.files FROM versions v JOIN file_sets fs ON fs.files_digest = v.files_digest WHERE v.owner = ?", (o.name,)):
         for f in json.loads(row["files"]):
             assert store.blob_size(f["sha256"]) == f["size"]

@@ -166,7 +166,7 @@ def test_migration_gives_published_blobs_to_their_versions_owner(tmp_path: Path)
 
     from soppu_client.format.errors import RegistryError
     from soppu_client.registry_client import RegistryClient
-    from soppu_registry.storage import Storage
+    from soppu_registry.storage import SCHEMA_VERSION, Storage
     from tests.registry.regkit import Server, new_owner
 
     data = tmp_path / "data"
@@ -198,7 +198,7 @@ def test_migration_gives_published_blobs_to_their_versions_owner(tmp_path: Path)
     store = Storage(data)  # migrates
     assert all(store.blob_owners(f["sha256"]) == {alice.name} for f in files)
     assert store.blob_owners(hashlib.sha256(stray).hexdigest()) == set()
-    assert store.read("PRAGMA user_version")[0][0] == 1
+    assert store.read("PRAGMA user_version")[0][0] == SCHEMA_VERSION
     server = Server(data, "--rate", "0").start()
     try:
         res = RegistryClient(server.url, alice.write_token).upload_bundle(v2)

@@ -197,12 +197,18 @@ def edit_signature(reg: Registry, name: str, change) -> None:
     (what a compromised registry could serve); ``change`` edits the parsed document in place."""
     import sqlite3
 
+    import hashlib
+
     db = sqlite3.connect(reg.data / "registry.sqlite3")
     try:
-        (text,) = db.execute("SELECT signature FROM versions WHERE owner=? AND name=?", (reg.owner, name)).fetchone()
+        (text,) = db.execute("SELECT s.doc FROM versions v JOIN signatures s ON s.sig_digest = v.sig_digest "
+                             "WHERE v.owner=? AND v.name=?", (reg.owner, name)).fetchone()
         doc = json.loads(text)
         change(doc)
+        new = json.dumps(doc, sort_keys=True)
+        digest = hashlib.sha256(new.encode()).hexdigest()  # signatures are stored once, by digest
         with db:
-            db.execute("UPDATE versions SET signature=? WHERE owner=? AND name=?", (json.dumps(doc), reg.owner, name))
+            db.execute("INSERT OR IGNORE INTO signatures(sig_digest, doc) VALUES (?, ?)", (digest, new))
+            db.execute("UPDATE versions SET sig_digest=? WHERE owner=? AND name=?", (digest, reg.owner, name))
     finally:
         db.close()

@@ -103,7 +103,6 @@ def test_version_below_one_already_served_is_refused(served: Served) -> None:
     db = sqlite3.connect(served.registry.data / "registry.sqlite3")
     try:
         with db:
-            db.execute("DELETE FROM version_files WHERE owner='alice' AND name='roll' AND version=2")
             db.execute("DELETE FROM versions WHERE owner='alice' AND name='roll' AND version=2")
     finally:
         db.close()
