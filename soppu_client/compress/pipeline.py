@@ -30,6 +30,7 @@ from soppu_client import __version__
 from soppu_client.adapters import AdapterCollection, load_collection
 from soppu_client.compress import CompressConfig, assign_clusters, iter_compressed_modules, stack_factors
 from soppu_client.compress.project import project_cores
+from soppu_client.compress.threads import fit_threads
 from soppu_client.format.bundle import (
     AdapterEntry,
     Bundle,
@@ -171,7 +172,14 @@ def compress_adapters(
 ) -> Manifest:
     """Validate ``adapter_dirs`` (all problems at once) and compress them into ``out``."""
     collection = load_collection(adapter_dirs, names)
-    return compress_collection(collection, out, config, force=force, progress=progress, base_model=base_model)
+    with fit_threads(largest_stack(collection)):
+        return compress_collection(collection, out, config, force=force, progress=progress, base_model=base_model)
+
+
+def largest_stack(collection: AdapterCollection) -> int:
+    """Elements of the largest module's stacked factors, sum_i r_i * (d_in + d_out)."""
+    ranks = sum(info.rank for info in collection.adapters)
+    return ranks * max((d_out + d_in for d_out, d_in in collection.shapes.values()), default=0)
 
 
 # --------------------------------------------------------------------------- project
@@ -212,6 +220,12 @@ def project_adapters(
     label = onto_label or str(base.path)
     collection = load_collection(adapter_dirs)
     _check_compatible(base, collection, label)
+    with fit_threads(largest_stack(collection)):
+        return _project_collection(base, collection, label, out, started, force=force, progress=progress)
+
+
+def _project_collection(base: Bundle, collection: AdapterCollection, label: str, out: str | Path, started: float,
+                        *, force: bool, progress: Callable | None) -> Manifest:
     n_clusters, diag, k = base.n_clusters, base.diag, base.rank
 
     def bases(module: str, c: int) -> tuple[torch.Tensor, torch.Tensor]:

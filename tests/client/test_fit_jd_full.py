@@ -161,3 +161,24 @@ def test_stack_norms_and_grams_equal_dense(dtype, tol):
     sub = stack.subset([2, 0])
     np.testing.assert_array_equal(sub.grams()[0].numpy(), gram_A[[2, 0]].numpy())
     assert float(stack.weights.double().sum()) == pytest.approx(4.0)
+
+
+def test_fit_threads_one_thread_for_small_stacks_and_restored() -> None:
+    """Small stacks run on one torch thread (latency-bound ops, see compress/threads.py); large ones
+    keep the setting; the setting is restored after the block, also when it raises."""
+    from soppu_client.compress.threads import SMALL_STACK_ELEMENTS, fit_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with fit_threads(SMALL_STACK_ELEMENTS - 1) as n:
+            assert n == 1 and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with fit_threads(SMALL_STACK_ELEMENTS) as n:
+            assert n == 2 and torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError):
+            with fit_threads(10):
+                raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
