@@ -176,3 +176,15 @@ def error_code(r: requests.Response) -> str:
     body = r.json()
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
     return body["error"]["code"]
+
+
+def retry_uploads(client: Any, bundles: list[Path]) -> None:
+    """Re-send interrupted work after a crash: upload every bundle again through ``client`` (a
+    RegistryClient); a version below one already acknowledged may only be refused as ``rollback``."""
+    from soppu_client.format.errors import RegistryError
+
+    for b in bundles:
+        try:
+            client.upload_bundle(b)
+        except RegistryError as e:  # a later version was acknowledged before this one
+            assert e.code == "rollback", e

@@ -14,7 +14,7 @@ import requests
 from soppu_client.format import signing
 from soppu_client.format.errors import RegistryError
 from soppu_client.registry_client import RegistryClient
-from tests.registry.regkit import Owner, Server, auth, new_owner
+from tests.registry.regkit import Owner, Server, auth, new_owner, retry_uploads
 from tests.registry.services import Backend
 
 
@@ -79,11 +79,7 @@ def test_sigkill_during_writes_then_restart(tmp_path: Path, backend: Backend) ->
         # And the interrupted work can simply be retried.
         for o in owners:
             client = RegistryClient(restarted.url, o.write_token)
-            for b in work[o.name]:
-                try:
-                    client.upload_bundle(b)
-                except RegistryError as e:  # a later version was acknowledged before this one
-                    assert e.code == "rollback", e
+            retry_uploads(client, work[o.name])
             assert client.get_version(o.name, "a1")["version"] == 15
     finally:
         restarted.stop()
