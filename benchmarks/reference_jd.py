@@ -97,6 +97,7 @@ def run_reference(adapter_dirs: list[str | Path], rank: int, iters: int = ITERS,
                   dtype: str = "auto", src: str | Path | None = None, progress=None) -> ReferenceResult:
     """Fit every module of ``adapter_dirs`` with the reference JD-Full; errors by soppu's metrics."""
     from soppu_client.adapters import load_collection
+    from soppu_client.compress.stack import stack_factors
     from soppu_client.format.bundle import torch_dtype
     from soppu_client.metrics import module_metrics, summarize
 
@@ -119,8 +120,11 @@ def run_reference(adapter_dirs: list[str | Path], rank: int, iters: int = ITERS,
         # (A_i, s_i B_i) float32, what AdapterCollection.module_factors gives soppu's own fit and metrics
         factors = [(at.T.numpy(), b.numpy() * np.float32(s)) for b, at, s in zip(Bs, ATs, scales)]
         stored = [t.to(storage).double().numpy() for t in (U, V)]
+        # the same float32 stack soppu's fit builds and hands to its metrics (built here, outside fit_s)
+        stack = stack_factors(factors, "norm", torch.float32)
         metrics.append(module_metrics(module, factors, [stored[0]], [stored[1]],
-                                      list(cores.to(storage).double().numpy()), [0] * len(factors), rank))
+                                      list(cores.to(storage).double().numpy()), [0] * len(factors), rank,
+                                      stack=stack))
     return ReferenceResult(fit_s=fit_s, load_s=load_s, metrics=metrics, summary=summarize(metrics, collection.names),
                            fits=fits, storage_dtype=dtype_name)
 
@@ -129,7 +133,7 @@ def reference_bundle(adapter_dirs: list[str | Path], out_dir: str | Path, rank: 
                      seed: int = 0, *, force: bool = False, src: str | Path | None = None) -> Path:
     """Write the reference JD-Full fit of ``adapter_dirs`` as a soppu bundle at ``out_dir``; return it.
 
-    Same writer as ``soppu compress`` (BundleBuilder through the pipeline's manifest helpers), so
+    Same writer as ``soppu compress`` (``compress.pipeline.write_fitted_bundle``), so
     ``soppu verify`` / export / the fidelity benchmark score it with the same tools; its manifest's
     ``fit`` says ``"method": "reference"`` with the source, iterations and seconds.
     """
@@ -142,21 +146,15 @@ def write_bundle(result: ReferenceResult, adapter_dirs: list[str | Path], out_di
                  seed: int, *, force: bool = False) -> None:
     """Write ``result`` (a :func:`run_reference` of ``adapter_dirs``) as a soppu bundle."""
     from soppu_client.adapters import load_collection
-    from soppu_client.compress.pipeline import _adapter_entries, _write
-    from soppu_client.format.bundle import BundleBuilder, Manifest, peft_fields, torch_dtype
+    from soppu_client.compress.pipeline import write_fitted_bundle
 
     collection = load_collection(adapter_dirs, check_values=False)
-    builder = BundleBuilder(collection.names, rank, False, n_clusters=1, dtype=torch_dtype(result.storage_dtype))
-    for module, (U, V, cores) in result.fits.items():
-        builder.add_module(module, [U], [V], cores)
-    manifest = Manifest(
-        base_model=collection.base_model, method="full", rank=rank, dtype=result.storage_dtype, clusters=1, modules={},
-        adapters=_adapter_entries(collection, [0] * len(collection.names)),
-        peft=peft_fields([info.config for info in collection.adapters]),
+    fits = {module: ([U], [V], cores) for module, (U, V, cores) in result.fits.items()}
+    write_fitted_bundle(
+        collection, out_dir, fits, result.metrics, rank=rank, dtype=result.storage_dtype, force=force,
         fit={"method": "reference", "reference": "bruel-gabrielsson/LoRALoLA compression.full_lora_pca",
              "iterations": iters, "seed": seed, "seconds": round(result.fit_s, 3), "torch": torch.__version__},
     )
-    _write(builder, out_dir, manifest, result.metrics, collection, basis_reused=False, force=force)
 
 
 def main(argv: list[str] | None = None) -> None:

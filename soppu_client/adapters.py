@@ -183,6 +183,7 @@ class AdapterCollection:
 
     adapters: list[AdapterInfo]
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # module -> (d_out, d_in)
+    values_checked: bool = False  # every tensor was scanned for NaN/Inf by load_collection
 
     @property
     def names(self) -> list[str]:
@@ -213,7 +214,7 @@ class AdapterCollection:
             with safe_open(str(info.weights_path), framework="pt") as f:
                 a = f.get_tensor(ka).float().numpy().astype(dtype, copy=False)
                 b = f.get_tensor(kb).float().numpy().astype(dtype, copy=False)
-            if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            if not self.values_checked and not (np.isfinite(a).all() and np.isfinite(b).all()):
                 raise InputError(
                     f"adapter `{info.name}`: module `{module}` has NaN or Inf values in its LoRA "
                     "factors; retrain or fix the adapter"
@@ -293,7 +294,7 @@ def load_collection(
         raise AdapterValidationError(problems)
     ref = infos[0]
     shapes = {m: ref.modules[m][:2] for m in _module_order(ref.modules)}
-    return AdapterCollection(adapters=infos, shapes=shapes)
+    return AdapterCollection(adapters=infos, shapes=shapes, values_checked=check_values)
 
 
 def _few(items: list[str], n: int = 3) -> str:

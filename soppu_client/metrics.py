@@ -92,6 +92,9 @@ class ModuleMetrics:
         }
 
 
+_GRAM_TRUST_F32 = 1e-2  # the same for products of a float32 stack (relative rounding ~1e-6 of ||dW||^2)
+
+
 def module_metrics(
     module: str,
     factors: list[tuple[np.ndarray, np.ndarray]],
@@ -100,51 +103,70 @@ def module_metrics(
     cores: list[np.ndarray],
     cluster_of: list[int],
     k: int,
+    *,
+    stack=None,
 ) -> ModuleMetrics:
-    """Exact factored metrics of one module for every adapter, batched over adapters (float64).
+    """Exact factored metrics of one module for every adapter, batched over adapters.
 
-    Same identities as :func:`factored_sq_norm`, :func:`residual_sq_norm` and :func:`svd_tail_sq`,
-    evaluated with one batched product per term (ranks zero-padded to the largest, which changes
-    no product); residuals below the Gram identity's trust level are recomputed one by one. The
-    SVD tail comes from the r x r eigenproblem L.T (B.T B) L, A A.T = L L.T (accurate for tails
-    above ~1e-12 of ||dW||^2, i.e. lower bounds above ~1e-6).
+    Same identities as :func:`factored_sq_norm`, :func:`residual_sq_norm` and :func:`svd_tail_sq`.
+    The products over d (A_i V, B_i.T U, the Grams) are one GEMM per cluster on a
+    :class:`~soppu_client.compress.stack.FactorStack` of ``factors``: ``stack`` when the fit
+    passes its own (float32: no copy, ~10x faster than float64), else a float64 one built here.
+    Everything r x r / k x k is float64. Adapters whose squared residual falls below the trust
+    level of the products' precision (1e-2 of ||dW_i||^2 for float32, 1e-6 for float64, where the
+    identity cancels) are recomputed in float64, and below 1e-6 from thin QRs. The SVD tail is 0
+    where k >= r_i (rank(B_i A_i) <= r_i), else from the r x r eigenproblem L.T (B.T B) L,
+    A A.T = L L.T in float64 (accurate for tails above ~1e-12 of ||dW||^2).
     """
     import torch
 
-    n = len(factors)
-    r = max(a.shape[0] for a, _ in factors)
-    d_in, d_out = factors[0][0].shape[1], factors[0][1].shape[0]
-    A = torch.zeros(n, r, d_in, dtype=torch.float64)
-    B = torch.zeros(n, d_out, r, dtype=torch.float64)
-    for i, (a, b) in enumerate(factors):
-        A[i, : a.shape[0]] = torch.from_numpy(np.asarray(a, dtype=np.float64))
-        B[i, :, : b.shape[1]] = torch.from_numpy(np.asarray(b, dtype=np.float64))
-    Bt = B.transpose(1, 2)
-    BtB, AAt = Bt @ B, A @ A.transpose(1, 2)  # [N, r, r]
-    sq_norm = (BtB * AAt).sum((1, 2))
-    sq_res = torch.empty(n, dtype=torch.float64)
+    from soppu_client.compress.stack import stack_factors
+
+    if stack is None:
+        stack = stack_factors(factors, "norm", torch.float64)
+    f64 = torch.float64
+    dt = stack.A.dtype
+    n, r = stack.n, stack.r
+    gram_A, gram_B = stack.grams()
+    sq_norm = (gram_B.to(f64) * gram_A.to(f64)).sum((1, 2))
+    sq_res = torch.empty(n, dtype=f64)
+    one_cluster = len(set(cluster_of)) == 1
     for c in sorted(set(cluster_of)):
         idx = torch.tensor([i for i, ci in enumerate(cluster_of) if ci == c])
-        Uc = torch.from_numpy(np.asarray(U[c], dtype=np.float64))
-        Vc = torch.from_numpy(np.asarray(V[c], dtype=np.float64))
-        S = torch.stack([torch.from_numpy(np.asarray(cores[i], dtype=np.float64)) for i in idx.tolist()])
+        Uc, Vc = torch.as_tensor(np.asarray(U[c])), torch.as_tensor(np.asarray(V[c]))
+        A = stack.A if one_cluster else stack.A[idx]
+        Bt = stack.Bt if one_cluster else stack.Bt[idx]
+        AV = (A.reshape(-1, stack.d_in) @ Vc.to(dt)).view(len(idx), r, -1).to(f64)  # [n_c, r, k]
+        BtU = (Bt.reshape(-1, stack.d_out) @ Uc.to(dt)).view(len(idx), r, -1).to(f64)
+        S = torch.stack([torch.as_tensor(np.asarray(cores[i]), dtype=f64) for i in idx.tolist()])
         if S.ndim == 2:
             S = torch.diag_embed(S)
-        AV = A[idx] @ Vc  # [n_c, r, k]
-        BtUS = (Bt[idx] @ Uc) @ S  # [n_c, r, k]
+        Uc, Vc = Uc.to(f64), Vc.to(f64)
         quad = ((S.transpose(1, 2) @ (Uc.T @ Uc) @ S) * (Vc.T @ Vc)).sum((1, 2))
-        sq_res[idx] = sq_norm[idx] - 2.0 * (BtUS * AV).sum((1, 2)) + quad
-    sq_res = sq_res.numpy()
-    sq_norm_np = sq_norm.numpy()
-    for i in np.flatnonzero(sq_res <= _GRAM_TRUST * sq_norm_np):  # cancellation regime: exact QR path
-        c = cluster_of[i]
-        sq_res[i] = residual_sq_norm(*factors[i], U[c], cores[i], V[c])
-    # sigma_j^2 of B A are the eigenvalues of L.T (B.T B) L with A A.T = L L.T (all r x r)
-    lam, Q = torch.linalg.eigh(AAt)
-    L = Q * lam.clamp_min(0).sqrt().unsqueeze(1)
-    sigma_sq = torch.linalg.eigvalsh(L.transpose(1, 2) @ BtB @ L).flip(1).clamp_min(0)  # descending
-    sq_low = sigma_sq[:, k:].sum(1)
-    return ModuleMetrics(module, sq_norm_np.copy(), np.maximum(sq_res, 0.0), sq_low.numpy())
+        sq_res[idx] = sq_norm[idx] - 2.0 * ((BtU @ S) * AV).sum((1, 2)) + quad
+    sq_res_np, sq_norm_np = sq_res.numpy(), sq_norm.numpy()
+    if dt != f64:  # below the float32 products' trust level: the same identities in float64
+        redo = np.flatnonzero(sq_res_np <= _GRAM_TRUST_F32 * sq_norm_np)
+        if redo.size:
+            sub = module_metrics(module, [factors[i] for i in redo], U, V, [cores[i] for i in redo],
+                                 [cluster_of[i] for i in redo], k)
+            sq_res_np[redo], sq_norm_np[redo] = sub.sq_residual, sub.sq_norm
+    else:
+        for i in np.flatnonzero(sq_res_np <= _GRAM_TRUST * sq_norm_np):  # cancellation regime: exact QR path
+            c = cluster_of[i]
+            sq_res_np[i] = residual_sq_norm(*factors[i], U[c], cores[i], V[c])
+    sq_low = np.zeros(n)
+    short = [i for i, (a, _) in enumerate(factors) if a.shape[0] > k]  # rank may exceed k: a tail exists
+    if short:
+        # sigma_j^2 of B A are the eigenvalues of L.T (B.T B) L with A A.T = L L.T (all r x r, float64)
+        sel = torch.tensor(short)
+        A64, Bt64 = stack.A[sel].to(f64), stack.Bt[sel].to(f64)
+        AAt, BtB = A64 @ A64.transpose(1, 2), Bt64 @ Bt64.transpose(1, 2)
+        lam, Q = torch.linalg.eigh(AAt)
+        L = Q * lam.clamp_min(0).sqrt().unsqueeze(1)
+        sigma_sq = torch.linalg.eigvalsh(L.transpose(1, 2) @ BtB @ L).flip(1).clamp_min(0)  # descending
+        sq_low[short] = sigma_sq[:, k:].sum(1).numpy()
+    return ModuleMetrics(module, sq_norm_np.copy(), np.maximum(sq_res_np, 0.0), sq_low)
 
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")

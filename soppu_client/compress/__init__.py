@@ -143,7 +143,7 @@ def fit_module(
     fit = fit_jd_diag if config.diag else fit_jd_full
     k = config.rank
     cores = torch.zeros((n, k) if config.diag else (n, k, k), dtype=config.torch_dtype)
-    result = ModuleFit(U=[], V=[], cores=cores, cluster_of=cluster_of, diag=config.diag)
+    result = ModuleFit(U=[], V=[], cores=cores, cluster_of=cluster_of, diag=config.diag, stack=stack)
     for c in range(n_clusters):
         members = [i for i, ci in enumerate(cluster_of) if ci == c]
         sub = stack if n_clusters == 1 else stack.subset(members)

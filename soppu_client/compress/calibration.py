@@ -132,6 +132,7 @@ def weighted_module_fit(factors, stats: ModuleStats, config, cluster_of: list[in
         raise InputError("calibration applies to --method full only; pass --calibration none with --method diag")
     moved, g_inv, s_inv = transform(factors, stats, config.calibration_output_power, config.calibration_input_power)
     fit = fit_module(moved, config, cluster_of)
+    fit.stack = None  # it holds the weighted factors: the metrics must see the adapters' own
     dtype = fit.cores.dtype
     for c in range(len(fit.U)):
         members = [i for i, ci in enumerate(fit.cluster_of) if ci == c]

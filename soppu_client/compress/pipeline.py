@@ -46,7 +46,7 @@ from soppu_client.format.errors import InputError
 from soppu_client.format.names import BASIS, METRICS, core_path
 from soppu_client.metrics import ModuleMetrics, module_metrics, summarize
 
-__all__ = ["compress_adapters", "compress_collection", "project_adapters"]
+__all__ = ["compress_adapters", "compress_collection", "project_adapters", "write_fitted_bundle"]
 
 
 # --------------------------------------------------------------------------- shared
@@ -80,6 +80,40 @@ def _write(builder: BundleBuilder, out: str | Path, manifest: Manifest, metrics:
     detail = {"error_definition": summary["error_definition"], "modules": [m.to_json(names) for m in metrics]}
     manifest = replace(manifest, modules=dict(builder.shapes), metrics=section, **builder.manifest_fields())
     return builder.write(Path(out), manifest, extra_files={METRICS: canonical_dumps(detail).encode()}, force=force)
+
+
+def write_fitted_bundle(
+    collection: AdapterCollection,
+    out: str | Path,
+    fits: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]],
+    metrics: list[ModuleMetrics],
+    *,
+    rank: int,
+    dtype: str,
+    fit: dict,
+    cluster_of: list[int] | None = None,
+    method: str = "full",
+    force: bool = False,
+) -> Manifest:
+    """Write a bundle of fits made outside :func:`compress_collection` (a benchmark's baseline, say),
+    with the same writer, manifest and metrics layout as ``soppu compress``.
+
+    ``fits``: module -> (U per cluster [d_out, k], V per cluster [d_in, k], cores [N, k, k] or [N, k]
+    with scaling folded in), in the collection's module and adapter order; ``metrics``: one
+    ModuleMetrics per module, computed on the values as stored at ``dtype``; ``fit``: the
+    manifest's ``fit`` section (how the fit was made).
+    """
+    cluster_of = cluster_of or [0] * len(collection.names)
+    builder = BundleBuilder(collection.names, rank, method == "diag", n_clusters=max(cluster_of) + 1,
+                            dtype=torch_dtype(dtype))
+    for module, (Us, Vs, cores) in fits.items():
+        builder.add_module(module, list(Us), list(Vs), cores)
+    manifest = Manifest(
+        base_model=collection.base_model, method=method, rank=rank, dtype=dtype, clusters=max(cluster_of) + 1,
+        modules={}, adapters=_adapter_entries(collection, cluster_of),
+        peft=peft_fields([info.config for info in collection.adapters]), fit=fit,
+    )
+    return _write(builder, out, manifest, metrics, collection, basis_reused=False, force=force)
 
 
 # --------------------------------------------------------------------------- compress
@@ -132,7 +166,9 @@ def compress_collection(
             U = [u.to(storage).double().numpy() for u in fit.U]
             V = [v.to(storage).double().numpy() for v in fit.V]
             cores = [c.to(storage).double().numpy() for c in fit.cores]
-        metrics.append(module_metrics(module, factors, U, V, cores, fit.cluster_of, int(fit.U[0].shape[1])))
+        metrics.append(module_metrics(module, factors, U, V, cores, fit.cluster_of, int(fit.U[0].shape[1]),
+                                      stack=fit.stack))
+        fit.stack = None  # one module's stack in memory at a time
         iterations.extend(fit.iterations)
         converged &= all(fit.converged)
     manifest = Manifest(
@@ -242,7 +278,7 @@ def _project_collection(base: Bundle, collection: AdapterCollection, label: str,
                 U, V = bases(module, c)
                 S = project_cores(stack, U, V, diag=diag).numpy()
                 m = module_metrics(module, factors, [U.numpy()], [V.numpy()], list(S), [0] * len(factors),
-                                   base.manifest.module_rank(module))
+                                   base.manifest.module_rank(module), stack=stack)
                 residual[:, c] += m.sq_residual
         cluster_of = residual.argmin(1).tolist()
 
@@ -264,7 +300,7 @@ def _project_collection(base: Bundle, collection: AdapterCollection, label: str,
             builder.quant.setdefault(module, {})["basis"] = spec
         stored = [s.to(storage).double().numpy() for s in cores]
         metrics.append(module_metrics(module, factors, [u.numpy() for u in Us], [v.numpy() for v in Vs], stored,
-                                      cluster_of, k))
+                                      cluster_of, k, stack=stack))
     bm = base.manifest
     manifest = Manifest(
         base_model=bm.base_model, method=bm.method, rank=bm.rank, dtype=bm.dtype, clusters=bm.clusters, modules={},

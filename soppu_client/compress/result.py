@@ -21,3 +21,4 @@ class ModuleFit:
     converged: list[bool] = field(default_factory=list)
     history: list[list[float]] = field(default_factory=list)  # per cluster, objective per iteration
     stored: Any = None  # quantize.QuantizedFit: what the bundle stores (set for --bits / --budget)
+    stack: Any = None  # the FactorStack the fit ran on (unweighted fits), reused by the metrics, then dropped

@@ -76,6 +76,23 @@ def test_weighted_fit_matches_dense_reference(a: float, b: float) -> None:
     assert worse > ref * 1.01
 
 
+def test_weighted_fit_hands_no_stack_to_the_metrics() -> None:
+    """The pipeline computes metrics on ``fit.stack`` when a fit carries one; a weighted fit ran on the
+    moved factors Gamma^(a/2) B_i, A_i Sigma^(b/2), so it must carry none (metrics on the adapters' own),
+    while a plain fit carries the stack of exactly its factors."""
+    from soppu_client.metrics import module_metrics
+
+    factors, stats = _case(3)
+    config = CompressConfig(rank=K, weighting="norm", float64=True)
+    assert fit_module(factors, config).stack is not None
+    fit = weighted_module_fit(factors, stats, config)
+    assert fit.stack is None
+    U, V, S = fit.U[0].numpy(), fit.V[0].numpy(), list(fit.cores.numpy())
+    m = module_metrics("m", factors, [U], [V], S, [0] * N, K, stack=fit.stack)
+    dense = [np.linalg.norm(B @ A - U @ S[i] @ V.T) / np.linalg.norm(B @ A) for i, (A, B) in enumerate(factors)]
+    np.testing.assert_allclose(m.error, dense, rtol=1e-9)
+
+
 def test_map_back_reorthonormalizes_without_changing_the_product() -> None:
     rng = np.random.default_rng(3)
     _, stats = _case(3)

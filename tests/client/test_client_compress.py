@@ -171,6 +171,40 @@ def test_config_errors_name_the_field(kwargs, message):
     assert str(info.value) == message
 
 
+def test_module_metrics_on_the_fits_float32_stack_equal_dense():
+    """Metrics from the fit's own float32 stack (what ``soppu compress`` passes: one GEMM per cluster,
+    no float64 copy) equal dense numpy: errors to 1e-5 where the float32 products are trusted, and to
+    1e-9 for the near-exact adapters recomputed in float64; lower bounds to 1e-9."""
+    import torch
+
+    from soppu_client.compress import stack_factors
+    from soppu_client.metrics import module_metrics
+
+    factors = [(a.astype(np.float32), b.astype(np.float32)) for a, b in _collection(9, n=6, d_out=300, d_in=200)]
+    cluster_of = [0, 1, 0, 1, 1, 0]
+    k = 4
+    fits = [fit_module([f for f, c in zip(factors, cluster_of) if c == j], CompressConfig(rank=kj, max_iter=50))
+            for j, kj in ((0, 12), (1, k))]  # cluster 0 near-exact (k >= ranks), cluster 1 not
+    U = [f.U[0].double().numpy() for f in fits]
+    V = [f.V[0].double().numpy() for f in fits]
+    per_cluster = {0: iter(fits[0].cores.double().numpy()), 1: iter(fits[1].cores.double().numpy())}
+    cores = [next(per_cluster[c]) for c in cluster_of]
+    stack = stack_factors(factors, dtype=torch.float32)
+    m = module_metrics("m", factors, U, V, cores, cluster_of, k, stack=stack)
+    m64 = module_metrics("m", factors, U, V, cores, cluster_of, k)  # no stack: float64 products
+    for i, ((A, B), c) in enumerate(zip(factors, cluster_of)):
+        A, B = A.astype(np.float64), B.astype(np.float64)
+        dW = B @ A
+        dense = np.linalg.norm(dW - U[c] @ cores[i] @ V[c].T) / np.linalg.norm(dW)
+        assert abs(m.error[i] - dense) < (1e-9 if c == 0 else 1e-5 * dense), (i, m.error[i], dense)
+        assert abs(m64.error[i] - dense) < 1e-9 * max(dense, 1.0)
+        s = scipy.linalg.svdvals(dW)
+        assert abs(m.lower_bound[i] - np.sqrt((s[k:] ** 2).sum() / (s**2).sum())) < 1e-9
+    assert m.error[[0, 2, 5]].max() < 1e-3 and m.error[[1, 3, 4]].min() > 0.05  # both regimes occur
+    # the trusted adapters really came from float32 products (they differ from float64 in the last digits)
+    assert np.any(m.sq_residual[[1, 3, 4]] != m64.sq_residual[[1, 3, 4]])
+
+
 def test_batched_module_metrics_equal_dense_per_adapter():
     """module_metrics (batched, padded ranks, clusters, near-exact fallback) == dense numpy."""
     from soppu_client.metrics import module_metrics

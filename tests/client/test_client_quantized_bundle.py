@@ -100,7 +100,9 @@ def test_verify_reports_the_error_of_stored_values(smollm2, peft_adapters, q4_bu
     summary, metrics = verify_weights(Bundle.open(q4_bundle), load_collection(peft_adapters))
     by_module = {mm.module: mm for mm in metrics}
     stored_summary = json.loads((q4_bundle / "manifest.json").read_text())["metrics"]["summary"]
-    assert summary["mean_error"] == pytest.approx(stored_summary["mean_error"], rel=1e-9)  # metrics.json agrees
+    # metrics.json agrees: compress scores on the fit's float32 stack (errors trusted to ~1e-5 relative,
+    # metrics.module_metrics), verify in float64
+    assert summary["mean_error"] == pytest.approx(stored_summary["mean_error"], rel=1e-6)
     names = [p.name for p in peft_adapters]
     for j, adapter in enumerate(peft_adapters):
         peft_model = PeftModel.from_pretrained(model, str(adapter))
