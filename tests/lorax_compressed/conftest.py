@@ -1,6 +1,7 @@
 """Fixtures for compressed mode: two small bundles on SmolLM2-135M's shapes (layers 0-1, q_proj/v_proj),
 three adapters materialized as compressed dirs (two share a basis) and exported to PEFT; the same on
-layers 0-3 (compressed dirs only); a patched LoRAX checkout (needs LORAX_SRC / LORAX_PYTHON)."""
+layers 0-3 (compressed dirs only); a ``--budget`` bundle whose k differs per module; a patched LoRAX
+checkout (needs LORAX_SRC / LORAX_PYTHON)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,33 @@ def compressed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for name, bundle in out["bundles"].items():
         out["dirs"][name] = export_compressed(bundle, name, tmp / "compressed" / name)
         out["peft"][name] = export_peft(bundle, name, tmp / "peft" / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two r=8 adapters in one ``--budget 6x`` bundle (k per module, at most 16; quantized storage),
+    exported as compressed dirs and to PEFT (rank_pattern), and SmolLM2 with both PEFT exports."""
+    from peft import PeftModel
+
+    from soppu_client.base_model import load_base_model
+    from soppu_client.compress import CompressConfig
+    from soppu_client.compress.pipeline import compress_adapters
+    from soppu_client.format.bundle import Bundle, export_peft
+    from soppu_client.format.compressed_form import export_compressed
+
+    tmp = tmp_path_factory.mktemp("mixed")
+    src = [srckit.write_adapter(tmp / "src" / f"m{i}", seed=80 + i, rank=8) for i in range(2)]
+    compress_adapters(src, tmp / "bundle", CompressConfig(rank=16, budget="6x", max_iter=30), names=["m0", "m1"])
+    bundle = Bundle.open(tmp / "bundle")
+    out = {"bundle": bundle, "dirs": {}, "peft": {}}
+    for name in ("m0", "m1"):
+        out["dirs"][name] = export_compressed(bundle, name, tmp / "compressed" / name)
+        out["peft"][name] = export_peft(bundle, name, tmp / "peft" / name)
+    base, _tok = load_base_model()
+    model = PeftModel.from_pretrained(base, str(out["peft"]["m0"]), adapter_name="m0")
+    model.load_adapter(str(out["peft"]["m1"]), adapter_name="m1")
+    out["model"] = model.eval()
     return out
 
 

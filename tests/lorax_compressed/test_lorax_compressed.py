@@ -35,17 +35,18 @@ TOKEN_ADAPTER = [0, 0, 0, -1, -1, 1, 1, 2, 2, 2, -1]  # prefill: contiguous per 
 
 
 def _run_side(patched: Path, peft_model, adapters: list[str], source: str, tmp_path: Path,
-              env_extra: dict[str, str] | None = None) -> tuple[dict, torch.Tensor, dict]:
+              env_extra: dict[str, str] | None = None, token_adapter: list[int] = TOKEN_ADAPTER
+              ) -> tuple[dict, torch.Tensor, dict]:
     """Run lorax_compressed_side.py on ``adapters``; returns (report, x, layer outputs)."""
     torch.manual_seed(3)
-    x = torch.randn(len(TOKEN_ADAPTER), 576)
+    x = torch.randn(len(token_adapter), 576)
     inputs = {"x": x}
     for module in MODULES:
         i, t = int(module.split(".")[2]), module.split(".")[-1]
         inputs[f"{i}.{t}.weight"] = peft_layer(peft_model, module).base_layer.weight.detach().float().contiguous()
     save_file(inputs, str(tmp_path / "in.safetensors"))
     args = {"adapters": adapters, "source": source, "model_id": srckit.BASE_MODEL, "n_layers": N_LAYERS,
-            "token_adapter": TOKEN_ADAPTER, "inputs": str(tmp_path / "in.safetensors"),
+            "token_adapter": token_adapter, "inputs": str(tmp_path / "in.safetensors"),
             "out": str(tmp_path / "out.safetensors")}
     env = lx.lorax_env(patched, **(env_extra or {}))
     proc = subprocess.run([lx.lorax_python(), str(Path(__file__).with_name("lorax_compressed_side.py")),
@@ -124,3 +125,46 @@ def test_lorax_serves_compressed_adapters_from_the_registry(patched, compressed,
         mine, local = cf.read_compressed_config(served[n]), cf.read_compressed_config(compressed["dirs"][n])
         assert (mine["basis"]["sha256"], mine["cores"]["sha256"]) == (local["basis"]["sha256"], local["cores"]["sha256"])
     _check_served(report, x, got, served, peft_model)
+
+
+def test_lorax_serves_a_mixed_rank_bundle(patched, mixed, tmp_path) -> None:
+    """A ``--budget`` bundle, whose k differs between modules (checked first), through LoRAX's loader and
+    forward: each layer type's bases and cores are zero-padded to its largest k (exact), so every
+    token's output equals PEFT on the same adapter exported with its rank_pattern, and the reference
+    op on the unpadded per-module tensors."""
+    names = ["m0", "m1"]
+    tokens = [0, 0, -1, 1, 1, 1, -1, 0, 0]
+    ranks = {m: mixed["bundle"].manifest.module_rank(m) for m in mixed["bundle"].modules}
+    assert len(set(ranks.values())) > 1, ranks  # the bundle really mixes ranks
+    model, dirs = mixed["model"], mixed["dirs"]
+    report, x, got_all = _run_side(patched, model, [str(dirs[n]) for n in names], "local", tmp_path,
+                                   token_adapter=tokens)
+    assert report["types"] == ["SoppuCompressedConfig"] * 2 and report["unused"] == [[], []]
+    assert report["shared_basis"] == {"q_proj": [True, True], "v_proj": [True, True]}
+    k_max = {t: max(k for m, k in ranks.items() if m.endswith(t)) for t in ("q_proj", "v_proj")}
+    # cores resident per adapter: [n_layers, k_max(q_proj), k_max(q_proj)] float32
+    assert report["core_bytes"] == [N_LAYERS * k_max["q_proj"] ** 2 * 4] * 2
+    idx = torch.tensor(tokens)
+    loaded = {n: cf.load_compressed(dirs[n]) for n in names}
+    for module in MODULES:
+        i, t = int(module.split(".")[2]), module.split(".")[-1]
+        got = got_all[f"{i}.{t}"]
+        layer = peft_layer(model, module)
+        W = layer.base_layer.weight
+        with torch.no_grad():
+            base_y = layer.base_layer(x)
+            for j, n in enumerate(names):
+                rows = idx == j
+                model.set_adapter(n)
+                want = layer(x[rows])
+                _c, basis, cores = loaded[n]
+                U, S, V = basis[f"{module}.U"], cores[f"{module}.S"], basis[f"{module}.V"]
+                assert U.shape[1] == V.shape[1] == S.shape[0] == ranks[module]
+                tol = matmul_tolerance(x[rows], W.abs() + abs_product(U, S, V.T))
+                assert (want - base_y[rows]).abs().max() > 20 * tol["atol"]  # not vacuous
+                torch.testing.assert_close(got[rows], want, **tol)
+                ref = lc.apply_compressed(base_y[rows].clone(), x[rows], U, V, S[None],
+                                          torch.zeros(int(rows.sum()), dtype=torch.long), diag=False,
+                                          backend="reference")
+                torch.testing.assert_close(got[rows], ref, **tol)
+        torch.testing.assert_close(got[idx < 0], base_y[idx < 0], **matmul_tolerance(x[idx < 0], W.abs()))
