@@ -73,28 +73,38 @@ def _check_served(report: dict, x: torch.Tensor, got_all: dict, dirs: dict[str, 
     assert report["batch_types"] == {"q_proj": ["soppu"], "v_proj": ["soppu"]}
     assert report["groups"] == {"q_proj": 2, "v_proj": 2}
 
-    idx = torch.tensor(TOKEN_ADAPTER)
-    loaded = {n: cf.load_compressed(dirs[n]) for n in NAMES}
+    _check_outputs(peft_model, x, got_all, TOKEN_ADAPTER, {n: dirs[n] for n in NAMES})
+
+
+def _check_outputs(model, x: torch.Tensor, got_all: dict, token_adapter: list[int], dirs: dict[str, Path],
+                   ranks: dict[str, int] | None = None) -> None:
+    """Each token's layer output (``got_all``) equals PEFT on its adapter (``model``, the adapters of
+    ``dirs`` loaded under their names, in token-index order) and the reference op on that adapter's
+    compressed tensors; base tokens (-1) equal the base layer. ``ranks``: each module's expected k."""
+    idx = torch.tensor(token_adapter)
+    loaded = {n: cf.load_compressed(d) for n, d in dirs.items()}
     for module in MODULES:
         i, t = int(module.split(".")[2]), module.split(".")[-1]
         got = got_all[f"{i}.{t}"]
-        layer = peft_layer(peft_model, module)
+        layer = peft_layer(model, module)
         W = layer.base_layer.weight
         with torch.no_grad():
             base_y = layer.base_layer(x)
-            for j, n in enumerate(NAMES):
+            for j, n in enumerate(dirs):
                 rows = idx == j
-                peft_model.set_adapter(n)
+                model.set_adapter(n)
                 want = layer(x[rows])
                 c, basis, cores = loaded[n]
-                tol = matmul_tolerance(x[rows], W.abs() + abs_product(basis[f"{module}.U"], cores[f"{module}.S"],
-                                                                      basis[f"{module}.V"].T))
+                U, S, V = basis[f"{module}.U"], cores[f"{module}.S"], basis[f"{module}.V"]
+                if ranks is not None:  # the unpadded per-module k
+                    assert U.shape[1] == V.shape[1] == S.shape[0] == ranks[module]
+                tol = matmul_tolerance(x[rows], W.abs() + abs_product(U, S, V.T))
                 # the adapter changes this layer far beyond what rounding may: the check is not vacuous
                 assert (want - base_y[rows]).abs().max() > 20 * tol["atol"]
                 torch.testing.assert_close(got[rows], want, **tol)
                 # and the reference op on this adapter's tokens alone
-                ref = lc.apply_compressed(base_y[rows].clone(), x[rows], basis[f"{module}.U"], basis[f"{module}.V"],
-                                          cores[f"{module}.S"][None], torch.zeros(int(rows.sum()), dtype=torch.long),
+                ref = lc.apply_compressed(base_y[rows].clone(), x[rows], U, V, S[None],
+                                          torch.zeros(int(rows.sum()), dtype=torch.long),
                                           diag=c["method"] == "diag", backend="reference")
                 torch.testing.assert_close(got[rows], ref, **tol)
         torch.testing.assert_close(got[idx < 0], base_y[idx < 0], **matmul_tolerance(x[idx < 0], W.abs()))
@@ -144,27 +154,4 @@ def test_lorax_serves_a_mixed_rank_bundle(patched, mixed, tmp_path) -> None:
     k_max = {t: max(k for m, k in ranks.items() if m.endswith(t)) for t in ("q_proj", "v_proj")}
     # cores resident per adapter: [n_layers, k_max(q_proj), k_max(q_proj)] float32
     assert report["core_bytes"] == [N_LAYERS * k_max["q_proj"] ** 2 * 4] * 2
-    idx = torch.tensor(tokens)
-    loaded = {n: cf.load_compressed(dirs[n]) for n in names}
-    for module in MODULES:
-        i, t = int(module.split(".")[2]), module.split(".")[-1]
-        got = got_all[f"{i}.{t}"]
-        layer = peft_layer(model, module)
-        W = layer.base_layer.weight
-        with torch.no_grad():
-            base_y = layer.base_layer(x)
-            for j, n in enumerate(names):
-                rows = idx == j
-                model.set_adapter(n)
-                want = layer(x[rows])
-                _c, basis, cores = loaded[n]
-                U, S, V = basis[f"{module}.U"], cores[f"{module}.S"], basis[f"{module}.V"]
-                assert U.shape[1] == V.shape[1] == S.shape[0] == ranks[module]
-                tol = matmul_tolerance(x[rows], W.abs() + abs_product(U, S, V.T))
-                assert (want - base_y[rows]).abs().max() > 20 * tol["atol"]  # not vacuous
-                torch.testing.assert_close(got[rows], want, **tol)
-                ref = lc.apply_compressed(base_y[rows].clone(), x[rows], U, V, S[None],
-                                          torch.zeros(int(rows.sum()), dtype=torch.long), diag=False,
-                                          backend="reference")
-                torch.testing.assert_close(got[rows], ref, **tol)
-        torch.testing.assert_close(got[idx < 0], base_y[idx < 0], **matmul_tolerance(x[idx < 0], W.abs()))
+    _check_outputs(model, x, got_all, tokens, {n: dirs[n] for n in names}, ranks)
