@@ -160,8 +160,11 @@ def module_metrics(
     if short:
         # sigma_j^2 of B A are the eigenvalues of L.T (B.T B) L with A A.T = L L.T (all r x r, float64)
         sel = torch.tensor(short)
-        A64, Bt64 = stack.A[sel].to(f64), stack.Bt[sel].to(f64)
-        AAt, BtB = A64 @ A64.transpose(1, 2), Bt64 @ Bt64.transpose(1, 2)
+        if dt == f64:  # the stack's own Grams are already float64
+            AAt, BtB = gram_A[sel], gram_B[sel]
+        else:
+            A64, Bt64 = stack.A[sel].to(f64), stack.Bt[sel].to(f64)
+            AAt, BtB = A64 @ A64.transpose(1, 2), Bt64 @ Bt64.transpose(1, 2)
         lam, Q = torch.linalg.eigh(AAt)
         L = Q * lam.clamp_min(0).sqrt().unsqueeze(1)
         sigma_sq = torch.linalg.eigvalsh(L.transpose(1, 2) @ BtB @ L).flip(1).clamp_min(0)  # descending
