@@ -10,7 +10,9 @@ by adapter index (``core_gather_mv``, BGMV-like; ``core_segment_mv``, SGMV-like,
 tokens contiguous per adapter), and one GEMM per cluster for y += g @ U[c].T (``expand``); a fused
 single-launch kernel serves small decode batches. ``dense_lora`` is the uncompressed baseline.
 
-Backends: "reference" (pure-torch fp32, the oracle: ``soppu_kernels.reference``), "triton"
+Backends: "reference" (pure-torch fp32, the oracle: ``soppu_kernels.reference``), "torch"
+(``shared_basis_lora`` only: the same op as a few vectorized batch ops, no Python loop and no host
+sync, for CPU serving: ``soppu_kernels.torch_ops``), "triton"
 (``soppu_kernels.triton_ops``; CUDA tensors, or CPU under TRITON_INTERPRET=1), "cuda" (cuBLAS
 GEMMs + ``csrc/core_bgmv.cu`` built just in time; ``soppu_kernels.cuda_ops``), "auto" (triton on
 CUDA tensors, reference otherwise). Triton is imported only when a Triton backend is used.
@@ -45,9 +47,9 @@ __all__ = [
     "shrink",
 ]
 
-Backend = Literal["auto", "reference", "triton", "cuda"]
+Backend = Literal["auto", "reference", "torch", "triton", "cuda"]
 #: Backends each public op accepts (not every op has a "cuda" implementation).
-BACKENDS: tuple[str, ...] = ("auto", "reference", "triton", "cuda")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "torch", "triton", "cuda")
 
 
 def _resolve(backend: str, device: torch.device, op: str, available: tuple[str, ...]) -> str:
@@ -82,11 +84,15 @@ def shared_basis_lora(
     or None when C == 1.  path (triton only): "gemm", "fused" (decode) or "auto".
     Accumulation is float32 in every backend.
     """
-    b = _resolve(backend, x.device, "shared_basis_lora", ("reference", "triton", "cuda"))
+    b = _resolve(backend, x.device, "shared_basis_lora", ("reference", "torch", "triton", "cuda"))
     if b == "reference":
         return reference.shared_basis_lora_ref(
             y, x, U, V, S, adapter_index, cluster_of_adapter, diag=diag
         )
+    if b == "torch":
+        from .torch_ops import shared_basis_lora_torch
+
+        return shared_basis_lora_torch(y, x, U, V, S, adapter_index, cluster_of_adapter, diag=diag)
     if b == "cuda":
         from . import cuda_ops
 
