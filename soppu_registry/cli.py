@@ -260,7 +260,7 @@ def rotate_key(loc: Location, owner: str, new_public_key: str, proof_path: Path,
         except ValueError as e:
             raise ApiError(400, "bad_proof", f"{proof_path} is not JSON: {e}") from None
         old_id = verify_rotation_proof(store, owner, new_id, proof)
-        store.add_key(owner, new_id, _raw_b64(pub), replaces=old_id)
+        store.add_key(owner, new_id, _raw_b64(pub), replaces=old_id, proof=proof)
         emit(as_json, {"owner": owner, "old_key_id": old_id, "new_key_id": new_id},
              f"rotated owner {owner}: {old_id} -> {new_id}")
 

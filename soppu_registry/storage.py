@@ -74,6 +74,11 @@ CREATE TABLE IF NOT EXISTS keys (
     replaced_by TEXT
 );
 CREATE INDEX IF NOT EXISTS keys_owner ON keys(owner);
+CREATE TABLE IF NOT EXISTS key_rotations (  -- the proof (signed by the replaced key) that let a key in
+    new_key_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL REFERENCES owners(name),
+    proof TEXT NOT NULL                  -- JSON: {statement, signature, key_id, public_key}
+);
 CREATE TABLE IF NOT EXISTS tokens (
     token_id TEXT PRIMARY KEY,
     token_hash TEXT NOT NULL,            -- sha256 hex of the full token string
@@ -486,8 +491,10 @@ class Storage:
     def owner_exists(self, owner: str) -> bool:
         return bool(self.read("SELECT 1 FROM owners WHERE name = ?", (owner,)))
 
-    def add_key(self, owner: str, key_id: str, public_key_b64: str, *, replaces: str | None = None) -> None:
-        """Register an owner's first key, or (``replaces``) rotate the active key atomically."""
+    def add_key(self, owner: str, key_id: str, public_key_b64: str, *, replaces: str | None = None,
+                proof: dict[str, Any] | None = None) -> None:
+        """Register an owner's first key, or (``replaces``) rotate the active key atomically, keeping
+        the rotation ``proof`` (already verified by the caller) for hosts that trust on first use."""
         with self.tx() as db:
             if not db.execute("SELECT 1 FROM owners WHERE name = ?", (owner,)).fetchone():
                 raise ApiError(404, "unknown_owner", f"owner {owner!r} does not exist; create it first")
@@ -504,13 +511,20 @@ class Storage:
                 db.execute("UPDATE keys SET rotated_at = ?, replaced_by = ? WHERE key_id = ?", (utcnow(), key_id, replaces))
             db.execute("INSERT INTO keys(key_id, owner, public_key, created_at) VALUES (?, ?, ?, ?)",
                        (key_id, owner, public_key_b64, utcnow()))
+            if replaces is not None and proof is not None:
+                db.execute("INSERT INTO key_rotations(new_key_id, owner, proof) VALUES (?, ?, ?)",
+                           (key_id, owner, json.dumps(proof, sort_keys=True)))
 
     def keys(self, owner: str) -> list[dict[str, Any]]:
-        rows = self.read("SELECT * FROM keys WHERE owner = ? ORDER BY created_at", (owner,))
+        """The owner's keys, oldest first; ``rotation_proof``: the proof signed by the key it
+        replaced (None for a first key, or one rotated before proofs were kept)."""
+        rows = self.read("SELECT k.*, r.proof FROM keys k LEFT JOIN key_rotations r ON r.new_key_id = k.key_id "
+                         "WHERE k.owner = ? ORDER BY k.created_at", (owner,))
         return [{"key_id": r["key_id"], "public_key": r["public_key"],
                  "status": "active" if r["rotated_at"] is None else "rotated",
                  "created_at": r["created_at"], "rotated_at": r["rotated_at"],
-                 "replaced_by": r["replaced_by"]} for r in rows]
+                 "replaced_by": r["replaced_by"],
+                 "rotation_proof": json.loads(r["proof"]) if r["proof"] else None} for r in rows]
 
     def key_owner(self, key_id: str) -> tuple[str, bool] | None:
         """(owner, active) for a registered key id, or None."""
