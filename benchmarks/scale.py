@@ -276,20 +276,19 @@ def resolve_latency(url: str, token: str, names: list[str], cache_dir: Path, cou
     """``materialize`` R random adapters cold (empty cache: lookup, verify, download, PEFT export),
     then warm (cached dir; lookup and signature still checked), each as a new request."""
     from soppu_client.format.refs import AdapterRef
-    from soppu_serving.cache import Cache
-    from soppu_serving.materialize import forget_resolutions, materialize
+    from soppu_serving.session import Session
     from soppu_serving.settings import Settings
 
     settings = Settings(registry_url=url, cache_dir=cache_dir, registry_retries=0)
-    cache = Cache(cache_dir, settings.serve_format)
+    session = Session(settings)  # one per process, as an engine holds it
     picked = random.Random(seed).sample(names, min(count, len(names)))
     timings: dict[str, list[float]] = {"cold": [], "warm": []}
     bytes_down = 0
     for phase in ("cold", "warm"):
         for name in picked:
-            forget_resolutions()  # every resolve pays the registry round trip, as a new request does
+            session.forget()  # every resolve pays the registry round trip, as a new request does
             t0 = time.perf_counter()
-            path, stats = materialize(AdapterRef(OWNER, name), token=token, settings=settings, cache=cache)
+            stats = session.serve(AdapterRef(OWNER, name), token).stats
             timings[phase].append(time.perf_counter() - t0)
             assert (phase == "cold") == stats.materialized, (phase, name)
             bytes_down += stats.bytes_downloaded

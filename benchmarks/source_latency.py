@@ -152,11 +152,11 @@ def main() -> None:
         core_bytes = manifest["files"][f"cores/{adapters[0].name}.safetensors"]["size"]
 
         os.environ["SOPPU_REGISTRY_URL"] = url
-        from soppu_serving.materialize import forget_resolutions
+        from soppu_serving.session import forget_sessions
         from lorax_adapter_source.source import SoppuModelSource
 
         def load(adapter_id: str, cache: Path, form: str = "peft") -> tuple[float, SoppuModelSource]:
-            forget_resolutions()  # every trial pays the registry round trip, as a new request does
+            forget_sessions()  # every trial pays the registry round trip, as a new request does
             start = time.perf_counter()
             src = SoppuModelSource(adapter_id, api_token=serving, cache_dir=cache, form=form)
             try:

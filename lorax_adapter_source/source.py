@@ -9,12 +9,16 @@ by :class:`soppu_serving.settings.Settings` (which lists and documents them all)
 ``SOPPU_REGISTRY_URL``; ``SOPPU_SERVE_FORMAT=compressed`` serves the compressed form to a LoRAX
 with patches 0005-0008 (each cluster's basis resident once, only cores per adapter).
 
-Every lookup sends the request's token to the registry, so a cached adapter is still only served
-to a caller the registry lets read it. Every call that names files (``weight_files`` included,
-which LoRAX calls first) re-verifies the signed statement -- key, signature, expiry against the
-clock -- and refuses a rollback of ``latest`` (:func:`soppu_serving.materialize.verified_dir`). A
-source trusting the registry's keys (no ``SOPPU_TRUSTED_KEYS``) logs a warning once per process. Errors are :class:`~soppu_client.format.errors.SoppuError`
-subclasses whose message names the adapter and the fix; LoRAX returns that message to the client.
+One source is one LoRAX request for one adapter: its first call that needs the adapter serves it
+through the process's one :class:`soppu_serving.Session` (LoRAX wording) with the request's
+token -- resolve, verify once (key, signature, expiry against the clock, rollback), materialize --
+and every later call of that source (``weight_files``, ``download_model_assets``, ``load_config``,
+``provenance``) reuses that result, re-checking only the expiry against the clock. A new request
+(a new source) resolves and verifies again, so a cached adapter is still only served to a caller
+the registry lets read it. A source trusting the registry's keys (no ``SOPPU_TRUSTED_KEYS``:
+trust on first use) logs a warning once per process. Errors are
+:class:`~soppu_client.format.errors.SoppuError` subclasses whose message names the adapter and the
+fix; LoRAX returns that message to the client.
 
 This module imports nothing from LoRAX at import time.
 """
@@ -26,11 +30,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Optional
 
-from soppu_client.fetch import VersionRecord
-from soppu_client.format.refs import AdapterRef
+from soppu_serving import LORAX, AdapterRef, FetchStats, Served, Settings, shared_session
 from soppu_serving.cache import LATEST, MARKER, Cache
-from soppu_serving.materialize import FetchStats, materialize, resolve, verified_dir
-from soppu_serving.settings import Settings, warn_if_unpinned
 
 if TYPE_CHECKING:  # pragma: no cover
     from lorax_server.adapters.config import AdapterConfig
@@ -44,14 +45,16 @@ CONFIG_NAME = "adapter_config.json"
 def get_soppu_local_dir(model_id: str) -> Path:
     """Where LoRAX finds the materialized dir of ``model_id`` (no network).
 
-    ``owner/name@N`` -> ``<cache>/owner/name/vN``; ``owner/name`` -> ``<cache>/owner/name/latest``
-    (a symlink, replaced atomically, to the newest version materialized on this host).
+    ``owner/name@N`` -> ``<cache>/owner/name/vN``; ``owner/name`` -> ``<cache>/owner/name/v<N>``
+    for the N that ``latest`` names (the link is read, never followed; without one, the ``latest``
+    path itself, which does not exist).
     """
     ref = AdapterRef.parse(model_id)
     settings = Settings.from_env()  # the root and form the source uses
     cache = Cache(settings.cache_root, settings.serve_format)
-    if ref.version is not None:
-        return cache.version_dir(ref.owner, ref.name, ref.version)
+    version = ref.version if ref.version is not None else cache.latest_version(ref.owner, ref.name)
+    if version is not None:
+        return cache.version_dir(ref.owner, ref.name, version)
     return cache.adapter_root(ref.owner, ref.name) / LATEST
 
 
@@ -65,12 +68,12 @@ class SoppuModelSource:
         self.ref = AdapterRef.parse(model_id, revision)
         self.revision = revision
         self.extension = extension
-        # The environment, read once; explicit arguments win over it.
+        # The environment, read once; explicit arguments win over it. One session per settings and process.
         self.settings = Settings.from_env(cache_dir=cache_dir, registry_url=registry, serve_format=form)
+        self.session = shared_session(self.settings, LORAX)
         self._api_token = api_token or self.settings.registry_token
-        warn_if_unpinned(self.settings)
-        self.cache = Cache(self.settings.cache_root, self.settings.serve_format)
-        self._version: int | None = None  # the version the first resolution chose; this source stays on it
+        self.cache = self.session.cache
+        self._served: Served | None = None  # this request's one verified resolution
         self.last_stats: FetchStats | None = None
 
     # -- LoRAX interface ----------------------------------------------------------------------
@@ -80,14 +83,15 @@ class SoppuModelSource:
 
     @property
     def registry_url(self) -> str:
-        return self.settings.require_registry_url()
+        return self.settings.require_registry_url(LORAX.url_fix)
 
     def remote_weight_files(self, extension: str = None) -> List[str]:
         extension = extension or self.extension
         return [f for f in self.cache.weight_names if f.endswith(extension)]
 
     def weight_files(self, extension: str = None) -> List[Path]:
-        """The cached weight files of the resolved version; FileNotFoundError when not materialized.
+        """The cached weight files of the resolved version; FileNotFoundError when not materialized
+        (or not yet proven intact by this process: ``download_model_assets`` then does it).
 
         For ``owner/name`` (no version) the registry is asked for the latest version (with the
         request's token), so a newly published version is fetched rather than a stale one served.
@@ -96,11 +100,16 @@ class SoppuModelSource:
         if not names:
             raise FileNotFoundError(f"soppu adapter {self.ref} has no weights with extension "
                                     f"{extension or self.extension}")
-        local = self.local_dir()
-        if not self.cache.is_complete(local):
-            raise FileNotFoundError(f"soppu adapter {self.ref} is not in the local cache ({local}); "
-                                    "it is fetched by download_model_assets()")
-        return [local / name for name in names]
+        served = self._current()
+        if served is None:
+            served = self.session.cached(self.ref, self.api_token)
+            if served is None:
+                local = self.cache.version_dir(self.ref.owner, self.ref.name, self.ref.version) \
+                    if self.ref.version is not None else self.cache.adapter_root(self.ref.owner, self.ref.name)
+                raise FileNotFoundError(f"soppu adapter {self.ref} is not in the local cache ({local}); "
+                                        "it is fetched by download_model_assets()")
+            self._remember(served)
+        return [served.path / name for name in names]
 
     def download_weights(self, filenames: List[str]) -> List[Path]:
         local = self._materialize()
@@ -108,7 +117,7 @@ class SoppuModelSource:
 
     def download_model_assets(self) -> List[Path]:
         local = self._materialize()
-        return sorted(p for p in local.iterdir() if p.is_file())
+        return [local / name for name in sorted(self.cache.file_names)]
 
     def download_file(self, filename: str, ignore_errors: bool = False) -> Optional[Path]:
         """Materialize the adapter (if needed) and return one of its files.
@@ -116,9 +125,9 @@ class SoppuModelSource:
         Registry, signature and digest errors always raise (they must reach the client);
         ``ignore_errors`` only covers a file the adapter does not have (e.g. ``config.json``).
         """
-        path = self._materialize() / filename
-        if path.is_file():
-            return path
+        local = self._materialize()
+        if filename in self.cache.file_names:
+            return local / filename
         if ignore_errors:
             return None
         raise FileNotFoundError(f"soppu adapter {self.ref} has no file {filename!r}")
@@ -147,30 +156,27 @@ class SoppuModelSource:
         return load_adapter_config(config_path, adapter_config_path, self.api_token)
 
     # -- SOPPU specifics ----------------------------------------------------------------------
-    def resolve(self) -> VersionRecord:
-        """The version record for this adapter, asked of the registry with the request's token
-        (reused ``resolve_ttl`` seconds per process). The first call picks the version (the latest
-        for ``owner/name``); later calls look up that version again, so one source serves one
-        version and still sees it withdrawn (404)."""
-        if self._version is None:
-            record = resolve(self.ref, self.settings, self.api_token)
-            self._version = record.version
-            return record
-        return resolve(AdapterRef(self.ref.owner, self.ref.name, self._version), self.settings, self.api_token)
+    def _current(self) -> Served | None:
+        """This request's served adapter, its expiry checked against the clock again."""
+        if self._served is not None:
+            self._served.check_expiry()
+        return self._served
 
-    def local_dir(self) -> Path:
-        """The version dir this source serves, after verifying its statement now (key, signature,
-        expiry, rollback; a complete cached dir must hold what it signs)."""
-        final, _ = verified_dir(self.ref, token=self.api_token, settings=self.settings, cache=self.cache,
-                                record=self.resolve())
-        return final
+    def _remember(self, served: Served) -> None:
+        self._served = served
+        self.last_stats = served.stats
 
     def _materialize(self) -> Path:
-        local, stats = materialize(self.ref, token=self.api_token, settings=self.settings, cache=self.cache,
-                                   record=self.resolve())
-        self.last_stats = stats
-        return local
+        served = self._current()
+        if served is None:
+            served = self.session.serve(self.ref, self.api_token)
+            self._remember(served)
+        return served.path
+
+    def local_dir(self) -> Path:
+        """The version dir this request serves (materialized and verified once per source)."""
+        return self._materialize()
 
     def provenance(self) -> dict[str, Any]:
         """soppu_source.json of the materialized version (registry, key id, statement digest, files)."""
-        return json.loads((self.local_dir() / MARKER).read_text(encoding="utf-8"))
+        return json.loads(self.cache.read_text(self._materialize() / MARKER))

@@ -45,7 +45,7 @@ from soppu_client.format import signing
 from soppu_client.format.errors import InputError, RegistryError, SignatureError
 from soppu_client.format.names import ROTATION_FORMAT, SIGNATURE
 
-__all__ = ["RegistryClient", "UploadResult", "make_rotation_proof"]
+__all__ = ["RegistryClient", "UploadResult", "find_registered_key", "make_rotation_proof", "verify_rotation_proof"]
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _CHUNK = 1 << 16
@@ -402,16 +402,7 @@ class RegistryClient:
         Active and rotated keys both count (the registry refuses new versions signed by a rotated
         key, so a version signed by one was published before the rotation). The id is recomputed
         from the key bytes, so a registry cannot pass off another key under it."""
-        for k in self.get_keys(owner):
-            if k.get("key_id") == key_id and isinstance(k.get("public_key"), str):
-                try:
-                    pub = signing.load_public_key(k["public_key"].encode())
-                except (SignatureError, InputError, ValueError):
-                    continue  # a malformed entry is no key
-                if signing.public_key_id(pub) == key_id:
-                    return pub
-        raise SignatureError(f"the signature names key {key_id!r}, which is not a registered key of owner {owner!r}",
-                             code="unknown_key")
+        return find_registered_key(self.get_keys(owner), owner, key_id)
 
     def get_bases(self, base_model: str) -> list[dict[str, Any]]:
         path = f"/v1/bases/{quote(base_model, safe='/')}"
@@ -485,6 +476,39 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
                 disable=not enabled or total == 0, desc="upload", leave=False)
+
+
+def find_registered_key(keys: list[dict[str, Any]], owner: str, key_id: Any) -> Ed25519PublicKey:
+    """The key ``key_id`` in ``keys`` (a ``GET /v1/keys/<owner>`` listing), its id recomputed from
+    the key bytes (so no entry passes off another key under that id); SignatureError ``unknown_key``."""
+    for k in keys:
+        if k.get("key_id") == key_id and isinstance(k.get("public_key"), str):
+            try:
+                pub = signing.load_public_key(k["public_key"].encode())
+            except (SignatureError, InputError, ValueError):
+                continue  # a malformed entry is no key
+            if signing.public_key_id(pub) == key_id:
+                return pub
+    raise SignatureError(f"the signature names key {key_id!r}, which is not a registered key of owner {owner!r}",
+                         code="unknown_key")
+
+
+def verify_rotation_proof(proof: Any, owner: str, old_key: Ed25519PublicKey) -> str:
+    """The new key id that ``proof`` (as made by :func:`make_rotation_proof`) lets ``old_key`` hand
+    ``owner``'s trust to; SignatureError (code ``bad_proof``) unless ``old_key`` signed exactly
+    ``{"format": "soppu-key-rotation/1", "owner": owner, "new_key_id": ...}``."""
+    if not isinstance(proof, dict):
+        raise SignatureError("rotation proof is not a JSON object", code="bad_proof")
+    try:
+        statement = signing._check_signature(proof, old_key)  # the one envelope check (key id, Ed25519)
+    except SignatureError as e:
+        raise SignatureError(f"rotation proof does not verify: {e}", code="bad_proof") from None
+    new_id = statement.get("new_key_id") if isinstance(statement, dict) else None
+    if set(statement) != {"format", "owner", "new_key_id"} or statement.get("format") != ROTATION_FORMAT \
+            or statement.get("owner") != owner or not isinstance(new_id, str):
+        raise SignatureError(f"rotation proof statement is not a {ROTATION_FORMAT} statement for owner {owner!r}",
+                             code="bad_proof")
+    return new_id
 
 
 def make_rotation_proof(owner: str, old_private_key: Ed25519PrivateKey,

@@ -133,11 +133,11 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
-    def require_registry_url(self) -> str:
-        """The registry URL, or an InputError saying how to set it."""
+    def require_registry_url(self, fix: str = "set SOPPU_REGISTRY_URL=http://registry:8080") -> str:
+        """The registry URL, or an InputError saying how to set it (``fix``: the engine's words,
+        :attr:`soppu_serving.wording.Wording.url_fix`)."""
         if not self.registry_url:
-            raise InputError("SOPPU_REGISTRY_URL is not set: start LoRAX with SOPPU_REGISTRY_URL=http://registry:8080 "
-                             "to serve adapters of source `soppu`")
+            raise InputError(f"SOPPU_REGISTRY_URL is not set: {fix}")
         return self.registry_url
 
     def client_options(self) -> dict[str, Any]:

@@ -214,17 +214,17 @@ def _check_acked(url: str, acked: list[tuple[Owner, dict]]) -> None:
 def test_serving_source_on_replica_a_reads_what_replica_b_published(replicas: Replicas) -> None:
     from soppu_client.format.bundle import Bundle, export_peft
     from soppu_serving.cache import MARKER, Cache
-    from soppu_serving.materialize import forget_resolutions, materialize
+    from soppu_serving.session import Session
     from soppu_serving.settings import Settings
 
     o = replicas.owner("serve")
     bundle = o.bundle(replicas.tmp / "served", 1, adapters=("alpha", "beta"))
     res = RegistryClient(replicas.urls[1], o.write_token).upload_bundle(bundle)  # published through B
     assert res.adapters == {"alpha": "created", "beta": "created"}
-    forget_resolutions()
     settings = Settings(registry_url=replicas.urls[0], cache_dir=replicas.tmp / "cache")  # served from A
     cache = Cache(replicas.tmp / "cache")
-    final, stats = materialize(AdapterRef(o.name, "alpha"), token=replicas.serving_token, settings=settings, cache=cache)
+    served = Session(settings).serve(AdapterRef(o.name, "alpha"), replicas.serving_token)
+    final, stats = served.path, served.stats
     assert stats.materialized and cache.is_complete(final)
     assert final == cache.version_dir(o.name, "alpha", 1)
     assert set(stats.blobs_downloaded) >= {"basis.safetensors", "cores/alpha.safetensors"}  # all from A

@@ -36,12 +36,12 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
 @pytest.fixture
 def source_env(published: Published, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point the source at the registry and a fresh cache; returns the cache root."""
-    from soppu_serving.materialize import forget_resolutions
+    from soppu_serving.session import forget_sessions
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("SOPPU_REGISTRY_URL", published.registry.url)
     monkeypatch.setenv("SOPPU_CACHE_DIR", str(cache))
     monkeypatch.delenv("SOPPU_REGISTRY_TOKEN", raising=False)
     monkeypatch.delenv("SOPPU_TRUSTED_KEYS", raising=False)
-    forget_resolutions()
+    forget_sessions()
     return cache

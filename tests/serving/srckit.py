@@ -167,12 +167,12 @@ def compress(adapters: list[Path], out: Path, rank: int) -> Path:
 
 
 def cache_files(root: Path) -> list[str]:
-    """Every file under a cache root except lock files (which carry no data) and the rollback
-    high-water marks in ``.seen`` (raised by every verified statement, whatever came next)."""
+    """Every file under a cache root except lock files (which carry no data). Rollback marks and
+    known keys (``.trust``) count: a refused version leaves none."""
     if not root.exists():
         return []
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if (p.is_file() or p.is_symlink()) and ".locks" not in p.parts and ".seen" not in p.parts)
+                  if (p.is_file() or p.is_symlink()) and ".locks" not in p.parts)
 
 
 def publish_fresh(published, names: tuple[str, ...], seed: int) -> Path:

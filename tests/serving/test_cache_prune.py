@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.serving import srckit
 
 from soppu_serving.cache import Cache
-from soppu_serving.materialize import forget_resolutions
+from soppu_serving.session import forget_sessions
 from soppu_client.format.compressed_form import load_compressed
 from lorax_adapter_source.source import SoppuModelSource
 
@@ -33,7 +33,7 @@ def test_prune_keeps_latest_and_drops_what_only_old_versions_used(published, sou
     for form in ("peft", "compressed"):
         SoppuModelSource(f"{reg.owner}/pr0", api_token=tok, form=form).download_model_assets()
     reg.publish(v2, version=2)
-    forget_resolutions()
+    forget_sessions()
     for form in ("peft", "compressed"):
         SoppuModelSource(f"{reg.owner}/pr0", api_token=tok, form=form).download_model_assets()
     peft_v1, peft_v2 = source_env / reg.owner / "pr0" / "v1", source_env / reg.owner / "pr0" / "v2"
@@ -58,7 +58,7 @@ def test_prune_keeps_latest_and_drops_what_only_old_versions_used(published, sou
     new_blobs.add(json.loads((comp_v2 / "adapter_config.json").read_text())["basis"]["sha256"])
     assert not new_blobs & old_blobs and all((blob / h).is_file() for h in new_blobs)
     # What stays still serves: the PEFT dir complete, the compressed dir's digests intact.
-    forget_resolutions()
+    forget_sessions()
     latest = SoppuModelSource(f"{reg.owner}/pr0", api_token=tok, form="peft")
     assert latest.weight_files() == [peft_v2 / "adapter_model.safetensors"]
     load_compressed(comp_v2)
@@ -77,7 +77,7 @@ def test_prune_skips_a_version_whose_lock_is_held(published, source_env: Path) -
     tok = reg.serving_token
     SoppuModelSource(f"{reg.owner}/lk0", api_token=tok).download_model_assets()
     reg.publish(bundle, version=2)
-    forget_resolutions()
+    forget_sessions()
     SoppuModelSource(f"{reg.owner}/lk0", api_token=tok).download_model_assets()
     v1 = source_env / reg.owner / "lk0" / "v1"
     with Cache(source_env, "peft").version_lock(reg.owner, "lk0", 1, timeout=0):

@@ -24,7 +24,8 @@ from lorax_adapter_source.source import SoppuModelSource
 from soppu_client.format import signing
 from soppu_client.format.errors import RegistryError, SignatureError, SoppuError, VerificationError
 from soppu_serving import settings as settings_mod
-from soppu_serving.materialize import forget_resolutions
+from soppu_serving.cache import Cache, trust_id
+from soppu_serving.session import forget_sessions
 from tests.serving import hostile, srckit
 
 
@@ -49,6 +50,11 @@ def _get(reg: srckit.Registry, path: str) -> dict:
 
 def _src(model_id: str, reg: srckit.Registry) -> SoppuModelSource:
     return SoppuModelSource(model_id, api_token=reg.serving_token)
+
+
+def _seen(cache: Path, url: str, name: str) -> Path:
+    """The rollback mark of alice/<name> under the unpinned trust root of registry ``url``."""
+    return Cache(cache).seen_path(trust_id(None, url), "alice", name)
 
 
 # -- expiry and revocation, warm or cold ----------------------------------------------------------
@@ -96,7 +102,8 @@ def test_withdrawn_version_and_unpinned_key_stop_the_warm_path(published, source
         gone = {"error": {"code": "not_found", "message": "alice/wd0 has no version 1"}}
         evil.rules["/v1/adapters/alice/wd0/versions/1"] = hostile.json_answer(gone, status=404)
         evil.rules["/v1/adapters/alice/wd0"] = hostile.json_answer(gone, status=404)
-        for call in (src.weight_files, _src(f"{reg.owner}/wd0@1", reg).weight_files,
+        # (a source is one request: it verified once; every new request asks the registry again)
+        for call in (_src(f"{reg.owner}/wd0", reg).weight_files, _src(f"{reg.owner}/wd0@1", reg).weight_files,
                      _src(f"{reg.owner}/wd0", reg).download_model_assets):
             with pytest.raises(RegistryError) as e:
                 call()
@@ -106,9 +113,9 @@ def test_withdrawn_version_and_unpinned_key_stop_the_warm_path(published, source
         # Revocation 2: the operator unpins the owner's key.
         (keys / reg.owner / "current.pub").unlink()
         with pytest.raises(SignatureError) as e:
-            src.weight_files()
+            _src(f"{reg.owner}/wd0", reg).weight_files()
         assert e.value.code == "untrusted_key"
-        assert str(e.value).startswith("soppu adapter alice/wd0@1: no trusted key for owner 'alice' in the pinned keys")
+        assert str(e.value).startswith("soppu adapter alice/wd0: no trusted key for owner 'alice' in the pinned keys")
 
 
 def test_key_rotation_with_several_pinned_keys(tmp_path: Path, source_env: Path,
@@ -142,7 +149,7 @@ def test_key_rotation_with_several_pinned_keys(tmp_path: Path, source_env: Path,
         keys.mkdir()
         shutil.copy(old_pub, keys / "alice.pub")
         monkeypatch.setenv("SOPPU_TRUSTED_KEYS", str(keys))
-        forget_resolutions()
+        forget_sessions()
         assert _src("alice/ro0@1", reg).weight_files()[0].parent.name == "v1"
         with pytest.raises(SignatureError) as e:
             _src("alice/ro0", reg).weight_files()
@@ -202,7 +209,7 @@ def test_substituted_owner_key_is_accepted_only_without_pins(published, source_e
         shutil.copy(f"{reg.key}.pub", keys / "alice.pub")
         monkeypatch.setenv("SOPPU_TRUSTED_KEYS", str(keys))
         monkeypatch.setenv("SOPPU_CACHE_DIR", str(tmp_path / "pinned-cache"))
-        forget_resolutions()
+        forget_sessions()
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="soppu_serving"):
             pinned = _src("alice/sk0", reg)
@@ -214,7 +221,7 @@ def test_substituted_owner_key_is_accepted_only_without_pins(published, source_e
                                        f"is not a pinned key of owner 'alice' (pinned in {keys}: {real_id})")
         assert srckit.cache_files(tmp_path / "pinned-cache") == []
         evil.rules.clear()  # the honest answer, same host, same pins: served
-        forget_resolutions()
+        forget_sessions()
         assert pinned.download_model_assets()[0].parent == tmp_path / "pinned-cache" / "alice" / "sk0" / "v1"
 
 
@@ -230,14 +237,14 @@ def test_rollback_of_latest_is_refused(published, source_env: Path, tmp_path: Pa
     with hostile.Hostile(reg.url) as evil:
         monkeypatch.setenv("SOPPU_REGISTRY_URL", evil.url)
         assert _src("alice/rb0", reg).download_model_assets()[0].parent.name == "v2"  # the host sees v2
-        assert json.loads((source_env / ".seen" / "alice" / "rb0").read_text())["version"] == 2
+        assert json.loads(_seen(source_env, evil.url, "rb0").read_text())["version"] == 2
         evil.rules["/v1/adapters/alice/rb0"] = hostile.json_answer(v1)  # `latest` rolled back to v1
-        forget_resolutions()
+        forget_sessions()
         # Precondition: a host that never saw v2 takes the rolled-back answer (as every host did before).
         monkeypatch.setenv("SOPPU_CACHE_DIR", str(tmp_path / "amnesiac"))
         assert _src("alice/rb0", reg).download_model_assets()[0].parent.name == "v1"
         monkeypatch.setenv("SOPPU_CACHE_DIR", str(source_env))
-        forget_resolutions()
+        forget_sessions()
         for call in (lambda: _src("alice/rb0", reg).weight_files(),
                      lambda: _src("alice/rb0", reg).download_model_assets()):
             with pytest.raises(VerificationError) as e:
@@ -247,11 +254,11 @@ def test_rollback_of_latest_is_refused(published, source_env: Path, tmp_path: Pa
                 f"soppu adapter alice/rb0: rollback refused: the registry at {evil.url} answers version 1 as the "
                 "latest, but this host has already verified version 2 of alice/rb0. Ask for alice/rb0@1 to serve "
                 f"that version on purpose; if the owner withdrew the newer versions, delete "
-                f"{source_env / '.seen' / 'alice' / 'rb0'}")
+                f"{_seen(source_env, evil.url, 'rb0')}")
         assert not (source_env / "alice" / "rb0" / "v1").exists()
         # Pinned on purpose: served.
         assert _src("alice/rb0@1", reg).download_model_assets()[0].parent.name == "v1"
-        assert json.loads((source_env / ".seen" / "alice" / "rb0").read_text())["version"] == 2
+        assert json.loads(_seen(source_env, evil.url, "rb0").read_text())["version"] == 2
         assert (source_env / "alice" / "rb0" / "latest").resolve().name == "v2"
 
 
@@ -266,7 +273,7 @@ def test_huge_json_is_cut_at_the_cap(published, source_env: Path, monkeypatch: p
         assert _src("alice/ad0", reg).download_model_assets()  # control: through the proxy, served
         path = "/v1/adapters/alice/ad1"
         for declare in (False, True):
-            forget_resolutions()
+            forget_sessions()
             evil.sent.clear()
             evil.rules[path] = hostile.endless_json(total, declare=declare)
             t0 = time.monotonic()
@@ -286,7 +293,7 @@ def test_huge_json_is_cut_at_the_cap(published, source_env: Path, monkeypatch: p
             assert evil.sent.get(path, 0) < (4 << 20) + (32 << 20)
         assert not (source_env / "alice" / "ad1").exists()
         evil.rules.clear()
-        forget_resolutions()
+        forget_sessions()
         assert _src("alice/ad1", reg).download_model_assets()[0].parent.name == "v1"
 
 
@@ -399,7 +406,7 @@ def test_malformed_answers_are_named_errors(published, source_env: Path, monkeyp
         assert str(e.value).startswith(message.replace("{url}", evil.url)), str(e.value)
         assert (("GET", path) in evil.seen) and srckit.cache_files(source_env) == []
         evil.rules.clear()
-        forget_resolutions()
+        forget_sessions()
         assert _src("alice/ad0", reg).download_model_assets()[0].parent.name == "v1"  # the next one works
 
 

@@ -69,7 +69,7 @@ def test_trusted_keys_must_be_a_dir_and_url_is_required_only_to_fetch(tmp_path: 
         Settings.from_env({"SOPPU_TRUSTED_KEYS": str(missing)})
     assert str(e.value) == (f"SOPPU_TRUSTED_KEYS={str(missing)!r} is not a directory; point it at a dir of pinned "
                             "owner keys <owner>.pub or <owner>/*.pub, or unset it to trust the registry's keys")
-    with pytest.raises(InputError, match=r"^SOPPU_REGISTRY_URL is not set: start LoRAX with SOPPU_REGISTRY_URL="):
+    with pytest.raises(InputError, match=r"^SOPPU_REGISTRY_URL is not set: set SOPPU_REGISTRY_URL=http://"):
         Settings().require_registry_url()
     # Values given in code are checked like the environment's.
     with pytest.raises(InputError, match=r"^SOPPU_REGISTRY_RETRIES=True must be an integer >= 0$"):

@@ -140,9 +140,7 @@ def test_latest_follows_new_versions_and_pins_stay(published, source_env: Path) 
     first = SoppuModelSource(f"{reg.owner}/nv0", api_token=reg.serving_token)
     assert first.download_model_assets()[0].parent.name == "v1"
     reg.publish(bundle, version=2)  # same content, re-signed as version 2
-    from soppu_serving.materialize import forget_resolutions
-
-    forget_resolutions()
+    first.session.forget()  # the process's one session: the next request asks the registry again
     latest = SoppuModelSource(f"{reg.owner}/nv0", api_token=reg.serving_token)
     with pytest.raises(FileNotFoundError):  # v2 is not here yet: LoRAX will call download_model_assets
         latest.weight_files()
