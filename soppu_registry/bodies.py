@@ -1,5 +1,9 @@
 """Reading request headers and bodies within limits: ASCII-digit integers, an idle timeout per
-body chunk, a size cap, and JSON with bounded depth.
+body chunk, a size cap, and JSON with bounded depth and no duplicate keys.
+
+Every JSON check here is linear in the input: one pass of a regex without backtracking over the
+bytes for the depth, then the C parser (``json.loads``, whose recursion is bounded by the
+interpreter), so no body, however hostile, costs more than a fixed time per byte.
 
 Routes call these only after authentication and authorization (which read headers alone), so an
 unauthenticated client never gets a byte of its body read.
@@ -22,8 +26,12 @@ INT64_MAX = 2**63 - 1
 MAX_JSON_DEPTH = 32
 """Deepest nesting of arrays/objects accepted in a JSON document we parse (signature, manifest)."""
 
-_DIGITS_RE = re.compile(r"^[0-9]{1,19}$")
-_JSON_TOKENS_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+_DIGITS_RE = re.compile(r"[0-9]{1,19}")
+_JSON_TOKENS_RE = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"?|[\[\]{}]', re.DOTALL)
+"""A JSON string (its closing quote optional: an unterminated string runs to the end of the data)
+or a bracket. Possessive quantifiers, and a match that never fails once a quote has started, make
+``finditer`` one pass: every byte is consumed once (a required closing quote made each quote of an
+unterminated string start a new scan to the end, quadratic in the length)."""
 
 
 def header_int(request: Request, header: str) -> int | None:
@@ -31,7 +39,7 @@ def header_int(request: Request, header: str) -> int | None:
     v = request.headers.get(header)
     if v is None:
         return None
-    if not _DIGITS_RE.match(v) or int(v) > INT64_MAX:
+    if not _DIGITS_RE.fullmatch(v) or int(v) > INT64_MAX:
         raise ApiError(400, "bad_request", f"header {header} must be a non-negative integer of ASCII digits, got {v!r}")
     return int(v)
 
@@ -69,7 +77,7 @@ async def body_chunks(request: Request, idle_timeout: float, what: str) -> Async
 def check_json_depth(data: bytes | bytearray, what: str, code: str = "bad_request",
                      max_depth: int = MAX_JSON_DEPTH) -> None:
     """400 ``code`` when ``data`` nests arrays/objects deeper than ``max_depth`` (scanned
-    without parsing: brackets inside strings do not count)."""
+    without parsing, in one pass, linear in ``len(data)``: brackets inside strings do not count)."""
     depth = 0
     for m in _JSON_TOKENS_RE.finditer(data):
         c = m.group()
@@ -81,10 +89,27 @@ def check_json_depth(data: bytes | bytearray, what: str, code: str = "bad_reques
             depth -= 1
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _DuplicateKey(f"key {dup!r} appears twice in one object")
+    return out
+
+
 def loads_bounded(data: bytes | bytearray, what: str, code: str = "bad_request") -> Any:
-    """``json.loads`` after :func:`check_json_depth`; 400 ``code`` naming ``what`` when it is not JSON."""
+    """``json.loads`` after :func:`check_json_depth`; 400 ``code`` naming ``what`` when it is not JSON
+    or an object repeats a key (parsers disagree on which value wins: the registry must read a
+    signature document or a manifest exactly as every other reader does)."""
     check_json_depth(data, what, code)
     try:
-        return json.loads(data)
+        return json.loads(data, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise ApiError(400, code, f"{what} is ambiguous JSON: {e}") from None
     except (ValueError, RecursionError) as e:
         raise ApiError(400, code, f"{what} is not JSON: {e}") from None
