@@ -2,6 +2,9 @@
 
 Names (owners, adapters, digests) are checked with these patterns by the client, the registry and
 the serving side alike; format tags identify every JSON document and directory layout we write.
+
+Every pattern ends with ``\\Z`` (never ``$``, which also matches before a final newline, so
+``"evil\\n"`` passed) and uses explicit ASCII classes, so ``.match`` and ``.fullmatch`` agree.
 """
 
 from __future__ import annotations
@@ -9,13 +12,13 @@ from __future__ import annotations
 import re
 
 # -- names ----------------------------------------------------------------------------------------
-ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 """An adapter name: the directory name of a source adapter, the registry name, a core file stem."""
-OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 """A registry owner (tenant)."""
-HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
+HEX64_RE = re.compile(r"^[0-9a-f]{64}\Z")
 """A sha256 hex digest (lower case)."""
-DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})\Z")
 """A blob reference in the registry API: ``sha256:<hex>``."""
 
 # -- format tags ----------------------------------------------------------------------------------

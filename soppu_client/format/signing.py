@@ -42,6 +42,7 @@ from soppu_client.format.names import (
     ADAPTER_NAME_RE,
     HEX64_RE,
     MANIFEST,
+    OWNER_RE,
     PASSPHRASE_ENV,
     SIGNATURE,
     STATEMENT_FORMAT,
@@ -51,10 +52,11 @@ __all__ = [
     "generate_keypair", "load_private_key", "load_public_key", "public_key_id",
     "canonical_json", "parse_expiry", "format_timestamp", "build_statement", "sign_statement",
     "sign_bundle", "verify_statement", "verify_bundle", "read_signature", "diff_files", "check_manifest",
+    "b64decode_canonical",
 ]
 
-_TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdwy]?)\s*")
+_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")  # fullmatch, ASCII digits
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdwy]?)\s*")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 _STATEMENT_KEYS = frozenset({"format", "owner", "adapters", "version", "base_model", "expires_at", "files"})
 _DOC_KEYS = frozenset({"statement", "signature", "key_id", "public_key"})
@@ -162,12 +164,28 @@ def load_public_key(path_or_bytes: Ed25519PublicKey | Path | str | bytes) -> Ed2
     raise InputError(f"cannot use a {type(path_or_bytes).__name__} as a public key")
 
 
-def _b64_raw_key(text: str) -> bytes | None:
+def b64decode_canonical(text: object, n_bytes: int | None = None) -> bytes | None:
+    """The bytes of ``text`` if it is the one canonical standard base64 encoding of them (and
+    they are ``n_bytes`` long, when given), else None.
+
+    Canonical: alphabet ``A-Z a-z 0-9 + /``, ``=`` padding present, no whitespace, and the unused
+    low bits of the last character zero, i.e. ``b64encode(b64decode(text)) == text``. A lenient
+    decoder maps several strings to the same bytes (flip bit 1, 2 or 3 of the last character before
+    ``==`` of a 64-byte signature: same signature), so a signature document would have more than
+    one valid spelling. Every signature and key SOPPU decodes goes through here."""
+    if not isinstance(text, str) or not text.isascii():
+        return None
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         return None
-    return raw if len(raw) == 32 else None
+    if base64.b64encode(raw).decode("ascii") != text:
+        return None
+    return raw if n_bytes is None or len(raw) == n_bytes else None
+
+
+def _b64_raw_key(text: str) -> bytes | None:
+    return b64decode_canonical(text, 32)
 
 
 def _public_from_bytes(data: bytes, label: str) -> Ed25519PublicKey:
@@ -222,7 +240,7 @@ def format_timestamp(when: datetime) -> str:
 
 def _parse_timestamp(text: object) -> datetime | None:
     """An RFC 3339 UTC time like 2027-02-21T00:00:00Z, or None when ``text`` is not one."""
-    if not isinstance(text, str) or not _TIMESTAMP.match(text):
+    if not isinstance(text, str) or not _TIMESTAMP.fullmatch(text):
         return None
     try:
         return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
@@ -422,8 +440,8 @@ def _check_signature(doc: dict, pub: Ed25519PublicKey) -> dict:
     expected_id = public_key_id(pub)
     raw = _b64_raw_key(doc["public_key"]) if isinstance(doc["public_key"], str) else None
     if raw is None:
-        raise SignatureError("signature document is malformed: `public_key` is not base64 of 32 bytes",
-                             code="malformed")
+        raise SignatureError("signature document is malformed: `public_key` is not canonical base64 of 32 bytes "
+                             "(padded, no whitespace, unused bits zero)", code="malformed")
     claimed_id = public_key_id(Ed25519PublicKey.from_public_bytes(raw))
     if doc["key_id"] != claimed_id:
         raise SignatureError(f"signature document is malformed: `key_id` {doc['key_id']!r} does not "
@@ -431,12 +449,16 @@ def _check_signature(doc: dict, pub: Ed25519PublicKey) -> dict:
     if claimed_id != expected_id:
         raise SignatureError(f"wrong key: the bundle was signed with key {claimed_id}, but the "
                              f"trusted public key is {expected_id}", code="wrong_key")
+    sig = b64decode_canonical(sig_b64, 64)
+    if sig is None:
+        raise SignatureError("signature document is malformed: `signature` is not canonical base64 of 64 bytes "
+                             "(padded, no whitespace, unused bits zero); sign the bundle again with `soppu sign`",
+                             code="malformed")
     try:
-        sig = base64.b64decode(sig_b64, validate=True)
         message = canonical_json(statement)
-    except (binascii.Error, ValueError, TypeError):
-        raise SignatureError("signature document is malformed: `signature` is not base64 or the "
-                             "statement is not canonical-JSON serialisable", code="malformed") from None
+    except (ValueError, TypeError):
+        raise SignatureError("signature document is malformed: the statement is not canonical-JSON serialisable",
+                             code="malformed") from None
     try:
         pub.verify(sig, message)
     except InvalidSignature:
@@ -454,10 +476,15 @@ def _check_statement_schema(st: dict) -> None:
         problems.append(f"format {st.get('format')!r} is not {STATEMENT_FORMAT!r}")
     if not isinstance(st.get("owner"), str) or not isinstance(st.get("base_model"), str):
         problems.append("owner and base_model must be strings")
+    elif not OWNER_RE.match(st["owner"]):
+        problems.append(f"owner {st['owner']!r} must match {OWNER_RE.pattern}")
     ads = st.get("adapters")
     if not (isinstance(ads, list) and ads and all(isinstance(a, str) for a in ads)
             and ads == sorted(set(ads))):
         problems.append("adapters must be a non-empty sorted list of distinct names")
+    elif not all(ADAPTER_NAME_RE.match(a) for a in ads):
+        problems.append(f"adapter names {[a for a in ads if not ADAPTER_NAME_RE.match(a)]!r} must match "
+                        f"{ADAPTER_NAME_RE.pattern}")
     if type(st.get("version")) is not int:
         problems.append("version must be an integer")
     if _parse_timestamp(st.get("expires_at")) is None:
