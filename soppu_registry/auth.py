@@ -14,9 +14,11 @@ the bytes or proved possession by re-sending them) and by a token that can read 
 version listing it (owner-read/-write of that version's owner, serving-read). Everyone else gets
 the 404 an absent blob gets, so a digest alone tells nothing.
 
-Failed authentications are limited per client address (``FailureLimiter``), checked before the
-token is looked at: a throttled address gets 429 for right and wrong tokens alike, so guessing
-stays slow; successful requests spend nothing.
+Failed authentications are limited per (client address, presented credential) and per client
+address (``FailureLimiter``), checked before the token is looked up: a credential that keeps
+failing gets 429 without a lookup, and so does any credential from an address that sent too many
+different failing ones, except tokens this process has seen authenticate; successful requests
+spend nothing. One tenant's bad token on a shared address never locks out another's valid one.
 """
 
 from __future__ import annotations
@@ -111,56 +113,120 @@ def authenticate(store: Storage, authorization: str | None) -> Principal:
 
 
 class AuthThrottled(RateLimited):
-    """429 for an address past its failed-authentication budget."""
+    """429 for a credential (or an address) past its failed-authentication budget."""
 
-    def __init__(self, retry_after: int, address: str):
+    def __init__(self, retry_after: int, address: str, what: str, option: str):
         super().__init__(retry_after)
-        self.message = (f"too many failed authentications from {address}; retry after {self.retry_after} s "
-                        "(--max-auth-failures)")
+        self.message = (f"too many failed authentications {what} from {address}; retry after {self.retry_after} s "
+                        f"({option})")
         self.args = (self.message,)
 
 
-class FailureLimiter:
-    """Failed authentications per client address: a bucket of ``per_minute`` refilled at
-    ``per_minute``/60 per second; ``per_minute`` <= 0 disables.
+def credential_fingerprint(authorization: str | None) -> str:
+    """What the failed-auth limiter keys a presented credential on: sha256 of the whole
+    Authorization header (absent: of the empty string). Never stored beyond the limiter's memory."""
+    return hashlib.sha256((authorization or "").encode("utf-8", "surrogateescape")).hexdigest()
 
-    ``check`` runs before authenticating and raises ``AuthThrottled`` while the address's bucket is
-    empty; ``failed`` spends one. Full buckets are forgotten, so memory follows the addresses that
-    failed recently (at most ``MAX_ADDRESSES``; past that the table is cleared).
-    """
 
-    MAX_ADDRESSES = 100_000
+class _Buckets:
+    """Token buckets of ``capacity`` refilled at ``capacity``/60 per second, keyed by any string;
+    full buckets are forgotten (at most ``MAX_KEYS``; past that the table is cleared)."""
+
+    MAX_KEYS = 100_000
 
     def __init__(self, per_minute: int):
         self.capacity = float(per_minute)
         self.rate = per_minute / 60.0
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
+        self._b: dict[object, tuple[float, float]] = {}
 
-    def _level(self, address: str, now: float) -> float:
-        tokens, last = self._buckets.get(address, (self.capacity, now))
+    def level(self, key: object, now: float) -> float:
+        tokens, last = self._b.get(key, (self.capacity, now))
         return min(self.capacity, tokens + (now - last) * self.rate)
 
-    def check(self, address: str) -> None:
+    def retry_after(self, key: object, now: float) -> int | None:
+        """Seconds until one failure is allowed again; None while the bucket holds one."""
         if self.rate <= 0:
-            return
-        now = time.monotonic()
-        with self._lock:
-            tokens = self._level(address, now)
-        if tokens < 1.0:
-            raise AuthThrottled(math.ceil((1.0 - tokens) / self.rate), address)
+            return None
+        tokens = self.level(key, now)
+        return None if tokens >= 1.0 else math.ceil((1.0 - tokens) / self.rate)
 
-    def failed(self, address: str) -> None:
+    def spend(self, key: object, now: float) -> None:
         if self.rate <= 0:
+            return
+        if len(self._b) >= self.MAX_KEYS:
+            self._b = {k: v for k, v in self._b.items() if self.level(k, now) < self.capacity}
+            if len(self._b) >= self.MAX_KEYS:  # memory stays bounded under a wide attack
+                self._b.clear()
+        self._b[key] = (max(0.0, self.level(key, now) - 1.0), now)
+
+
+class FailureLimiter:
+    """Failed authentications, limited per (client address, presented credential) and per address.
+
+    * ``per_credential`` failures a minute of one credential from one address (a misconfigured
+      tenant's stale token, a guesser retrying one value): past it, that credential is answered
+      429 from that address, before any lookup. Other credentials from the address are not touched,
+      so on a shared serving host (every tenant's requests come from one address) one tenant's bad
+      token never locks out another tenant's valid one.
+    * ``per_address`` failures a minute over all credentials from one address (a guesser sending a
+      new value each time): past it, every credential from that address is answered 429 before
+      any lookup, **except** a token this process has authenticated before (the sha256 of its
+      header is in a bounded in-memory set, TTL ``KNOWN_TTL``); those are authenticated as usual
+      (revocation included) and go through.
+
+    Only failed authentications spend; a 429 spends nothing, a success nothing. Letting known
+    tokens through a throttled address is no bypass: they are valid credentials (a 429 vs a 200
+    tells a guesser no more than a 401 vs a 200 would), and guessing a 256-bit secret is hopeless
+    at any rate; the limits bound the load (lookups) and the log noise failures cause. A credential
+    never seen by this process waits out ``Retry-After`` while its address is throttled.
+    ``per_credential`` <= 0 disables the whole limiter, ``per_address`` <= 0 the address level.
+    """
+
+    KNOWN_TTL = 3600.0
+    MAX_KNOWN = 100_000
+
+    def __init__(self, per_credential: int, per_address: int = 0):
+        self.enabled = per_credential > 0
+        self._cred = _Buckets(per_credential)
+        self._addr = _Buckets(per_address if self.enabled else 0)
+        self._known: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def check(self, address: str, fingerprint: str) -> None:
+        """Before authenticating: AuthThrottled while this credential's bucket from ``address`` is
+        empty, or the address's bucket is empty and the credential is not a known good token."""
+        if not self.enabled:
             return
         now = time.monotonic()
         with self._lock:
-            if len(self._buckets) >= self.MAX_ADDRESSES:
-                self._buckets = {a: (t, last) for a, (t, last) in self._buckets.items()
-                                 if self._level(a, now) < self.capacity}
-                if len(self._buckets) >= self.MAX_ADDRESSES:  # memory stays bounded under a wide attack
-                    self._buckets.clear()
-            self._buckets[address] = (max(0.0, self._level(address, now) - 1.0), now)
+            wait = self._cred.retry_after((address, fingerprint), now)
+            if wait is not None:
+                raise AuthThrottled(wait, address, "with this token", "--max-auth-failures")
+            wait = self._addr.retry_after(address, now)
+            if wait is not None and now - self._known.get(fingerprint, -math.inf) > self.KNOWN_TTL:
+                raise AuthThrottled(wait, address, "of different tokens", "--max-address-auth-failures")
+
+    def failed(self, address: str, fingerprint: str) -> None:
+        """A failed authentication: spends one of the credential's and one of the address's."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._known.pop(fingerprint, None)  # revoked since it last worked
+            self._cred.spend((address, fingerprint), now)
+            self._addr.spend(address, now)
+
+    def succeeded(self, fingerprint: str) -> None:
+        """A successful authentication: the credential is a known good token for ``KNOWN_TTL``."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if fingerprint not in self._known and len(self._known) >= self.MAX_KNOWN:
+                self._known = {f: t for f, t in self._known.items() if now - t <= self.KNOWN_TTL}
+                if len(self._known) >= self.MAX_KNOWN:
+                    self._known.clear()
+            self._known[fingerprint] = now
 
 
 class RateLimiter:

@@ -3,7 +3,8 @@
 Order: request shape -> key (registered, this owner's, active) -> ``signing.verify_statement``
 (signature, statement schema incl. safe file paths, expiry, owner/name/version vs the URL) ->
 every listed blob stored, owned by the publisher, with its size -> ``signing.check_manifest``
-(the manifest.json blob against the statement) -> the rank cap -> every safetensors blob
+(the manifest.json blob against the statement; it lists only files the format defines) ->
+metrics.json bounded and of the bundle's own modules and adapters -> the rank cap -> every safetensors blob
 (header bounded by the tensors the manifest implies) passes
 ``validate_safetensors`` with the tensors ``Manifest.expected_tensors`` names, and its quantization
 scales (if any) are finite and > 0 (``bundle.check_scales``). The rules live in ``soppu_client.format``; this module only
@@ -16,9 +17,9 @@ import threading
 from typing import Any
 
 from soppu_client.format import signing
-from soppu_client.format.bundle import Manifest, check_scales, scale_tensor_names
+from soppu_client.format.bundle import Manifest, check_scales, metrics_cap, metrics_problems, scale_tensor_names
 from soppu_client.format.errors import BundleError, SafetensorsFormatError, SignatureError
-from soppu_client.format.names import MANIFEST
+from soppu_client.format.names import MANIFEST, METRICS
 from soppu_client.format.safetensors_check import validate_safetensors
 
 from soppu_registry.bodies import loads_bounded
@@ -105,12 +106,38 @@ def check_manifest(store: Storage, st: dict[str, Any], files: list[dict[str, Any
         raise _bad("bad_manifest", str(e)) from None
 
 
-def check_rank(m: Manifest, max_rank: int) -> None:
-    """The registry's own cap on the basis rank (``max_rank``, `--max-rank`); 400 ``bad_manifest``.
-    The structural rules (k <= min(d_out, d_in), dtypes, clusters, core paths) are Manifest.from_json's."""
+def check_metrics(store: Storage, files: list[dict[str, Any]], m: Manifest) -> None:
+    """metrics.json, when listed, is at most ``bundle.metrics_cap`` bytes and holds only the
+    bundle's own metrics (``bundle.metrics_problems``); 400 ``bad_manifest``. With the rule that a
+    manifest lists no file the format does not define (``Manifest.from_json``), no published byte
+    is outside a structure the registry checked."""
+    entry = next((f for f in files if f["path"] == METRICS), None)
+    if entry is None:
+        return
+    cap = metrics_cap(m)
+    if entry["size"] > cap:
+        raise _bad("bad_manifest", f"{METRICS} is {entry['size']} bytes, over the limit of {cap} bytes for "
+                                   f"{len(m.modules)} module(s) x {len(m.adapters)} adapter(s)")
+    problems = metrics_problems(loads_bounded(store.read_blob(entry["sha256"]), METRICS, code="bad_manifest"), m)
+    if problems:
+        raise _bad("bad_manifest", "; ".join(problems))
+
+
+def check_rank(m: Manifest, max_rank: int, max_served_params: int | None = None) -> None:
+    """The registry's own caps on the basis rank (``max_rank``, `--max-rank`) and on what one adapter
+    of the bundle makes a host materialize (``Manifest.served_params``, `--max-served-params`; a
+    tiny core on a shared basis still becomes k (d_out + d_in) parameters per module on every host
+    that serves it); 400 ``bad_manifest``. The structural rules (k <= min(d_out, d_in), dtypes,
+    clusters, core paths) are Manifest.from_json's."""
     if m.rank > max_rank:
         raise _bad("bad_manifest", f"{MANIFEST}: `rank` {m.rank} exceeds this registry's limit of {max_rank} "
                                    "(--max-rank); compress with a smaller --rank")
+    served = m.served_params()
+    if max_served_params is not None and served > max_served_params:
+        raise _bad("bad_manifest", f"{MANIFEST}: each adapter would be served as {served} parameters "
+                                   f"(sum of k x (d_out + d_in) over {len(m.modules)} module(s)), over this registry's "
+                                   f"limit of {max_served_params} (--max-served-params); compress with a smaller "
+                                   "--rank or fewer modules")
 
 
 def header_cap(expected: dict[str, Any] | None) -> int:

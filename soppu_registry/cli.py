@@ -29,7 +29,6 @@ with the same write lock the servers take), so a revoked token stops working on 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import sqlite3
 from collections.abc import Callable
@@ -129,8 +128,11 @@ def main() -> None:
 @click.option("--burst", default=1000.0, show_default=True, type=click.FloatRange(min=1),
               help="Per-token bucket capacity.")
 @click.option("--max-auth-failures", default=20, show_default=True, type=click.IntRange(min=0),
-              help="Failed authentications per client address per minute, checked before the token "
-                   "(429 past it; 0 disables).")
+              help="Failed authentications of one credential from one client address per minute, checked "
+                   "before the lookup (429 for that credential past it; 0 disables the failed-auth limiter).")
+@click.option("--max-address-auth-failures", default=200, show_default=True, type=click.IntRange(min=0),
+              help="Failed authentications per client address per minute over all credentials (429 past it, "
+                   "except for tokens this process has seen authenticate; 0 disables this level).")
 @click.option("--max-unpublished-bytes", default=1 << 30, show_default=True, type=click.IntRange(min=0),
               help="Per-owner quota on uploaded blob bytes no published version of the owner lists "
                    "(413 quota_exceeded; 0 disables).")
@@ -138,6 +140,9 @@ def main() -> None:
               help="Largest publish body (the signature document); 413 from Content-Length or while reading.")
 @click.option("--max-rank", default=256, show_default=True, type=click.IntRange(min=1),
               help="Largest basis rank k a published bundle may have (400 bad_manifest).")
+@click.option("--max-served-params", default=1 << 28, show_default=True, type=click.IntRange(min=1),
+              help="Largest number of parameters one adapter of a published bundle becomes when a host "
+                   "materializes it: sum of k x (d_out + d_in) over its modules (400 bad_manifest).")
 @click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds a connection may take to send its request headers; then it is closed.")
 @click.option("--body-idle-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -232,10 +237,13 @@ def verify_rotation_proof(store: Storage, owner: str, new_key_id: str, proof: An
     active = {k["key_id"]: k["public_key"] for k in store.keys(owner) if k["status"] == "active"}
     if old_id not in active:
         raise ApiError(403, "unknown_key", f"proof is signed by {old_id}, which is not an active key of owner {owner!r} (active: {sorted(active)})")
+    sig = signing.b64decode_canonical(proof["signature"], 64)
+    if sig is None:
+        raise ApiError(400, "bad_proof", "proof `signature` is not canonical base64 of 64 bytes (padded, no whitespace, "
+                                         "unused bits zero); write the proof again with `soppu rotate-key-proof`")
     try:
-        sig = base64.b64decode(proof["signature"], validate=True)
         signing.load_public_key(active[old_id].encode()).verify(sig, signing.canonical_json(st))
-    except (InvalidSignature, binascii.Error, ValueError):
+    except (InvalidSignature, ValueError):
         raise ApiError(403, "bad_signature", f"proof signature does not verify with the active key {old_id}") from None
     return old_id
 

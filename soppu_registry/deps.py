@@ -4,8 +4,9 @@ Routes declare them as typed parameters, in the order they are checked: path val
 then ``Caller`` (429 address past its failed-authentication budget, 401 unknown token, 429
 per-token rate limit), so a malformed path costs no rate budget.
 
-    Caller       the request's Principal: address not throttled, Bearer token authenticated (a 401
-                 spends one of the address's failures), per-token rate limit taken
+    Caller       the request's Principal: credential and address not throttled, Bearer token
+                 authenticated (a 401 spends one failure of the credential and of the address),
+                 per-token rate limit taken
     BlobHex      ``{digest}`` as ``sha256:<hex>`` -> the hex (400 ``bad_digest``)
     OwnerPath    ``{owner}`` checked against OWNER_RE (400 ``bad_owner``)
     AdapterPath  ``{owner}/{name}`` -> AdapterRef (400 ``bad_owner`` / ``bad_name``)
@@ -22,7 +23,7 @@ from fastapi.security import HTTPBearer
 
 from soppu_client.format.names import ADAPTER_NAME_RE, DIGEST_RE, OWNER_RE
 from soppu_client.format.refs import AdapterRef
-from soppu_registry.auth import FailureLimiter, Principal, RateLimiter, authenticate
+from soppu_registry.auth import FailureLimiter, Principal, RateLimiter, authenticate, credential_fingerprint
 from soppu_registry.checks import SafetensorsChecker
 from soppu_registry.config import RegistryConfig
 from soppu_registry.errors import ApiError
@@ -42,7 +43,7 @@ class RegistryState:
     @classmethod
     def open(cls, config: RegistryConfig) -> RegistryState:
         return cls(config, Storage(config.data_dir, database=config.database, blobs=config.blobs), RateLimiter(config.rate, config.burst), SafetensorsChecker(),
-                   FailureLimiter(config.max_auth_failures))
+                   FailureLimiter(config.max_auth_failures, config.max_address_auth_failures))
 
     @property
     def quota(self) -> int | None:
@@ -63,15 +64,19 @@ _bearer = HTTPBearer(auto_error=False, scheme_name="token",
 
 
 def principal(request: Request, state: State, _: Annotated[object, Depends(_bearer)]) -> Principal:
-    """Client address not throttled (429), Bearer token -> Principal (401 ``unauthorized``, which
-    spends one of the address's failures), then one request off the token's bucket (429)."""
+    """Credential and client address not throttled (429, ``FailureLimiter``), Bearer token ->
+    Principal (401 ``unauthorized``, which spends one failure of the credential and one of the
+    address), then one request off the token's bucket (429)."""
     address = request.client.host if request.client else "unknown"
-    state.auth_failures.check(address)
+    header = request.headers.get("authorization")
+    fingerprint = credential_fingerprint(header)
+    state.auth_failures.check(address, fingerprint)
     try:
-        p = authenticate(state.store, request.headers.get("authorization"))
+        p = authenticate(state.store, header)
     except ApiError:
-        state.auth_failures.failed(address)
+        state.auth_failures.failed(address, fingerprint)
         raise
+    state.auth_failures.succeeded(fingerprint)
     state.limiter.check(p.token_id)
     return p
 

@@ -138,8 +138,14 @@ def limited_protocol(header_timeout: float, max_connections: int) -> type[H11Pro
             would reset the connection under its unread data), then close."""
             self._lingering = True
             self._disarm_header_timer()
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
+            # FIN only once the answer is out of our buffer: with data still buffered, asyncio would
+            # shut down later inside its own write callback, where an error is logged, not raised.
+            if self.transport.can_write_eof() and not self.transport.get_write_buffer_size():
+                try:
+                    self.transport.write_eof()
+                except OSError:  # the client already went away (reset: ENOTCONN): nothing to linger for
+                    self._close()
+                    return
             self._header_timer = self.loop.call_later(LINGER_SECONDS, self._close)
 
         def connection_lost(self, exc: Exception | None) -> None:

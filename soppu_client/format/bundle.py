@@ -31,7 +31,7 @@ import json
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from soppu_client.format.errors import BundleError, InputError, VerificationError
 from soppu_client.format.fsutil import file_digest, staged_dir
@@ -41,6 +41,7 @@ from soppu_client.format.names import (
     BUNDLE_FORMAT,
     HEX64_RE,
     MANIFEST,
+    METRICS,
     SIGNATURE,
     basis_key,
     core_path,
@@ -252,6 +253,13 @@ class Manifest:
         """k of ``module`` (its own when the bundle has per-module ranks, else ``rank``)."""
         return self.ranks.get(module, self.rank)
 
+    def served_params(self) -> int:
+        """Parameters ONE adapter of this bundle becomes when a host materializes it as PEFT
+        factors: sum over modules of k (d_out + d_in) (lora_A [k, d_in], lora_B [d_out, k]),
+        whatever its core's size on the wire. With k <= min(d_out, d_in) it is at most twice the
+        base weights the adapter targets; registries and hosts cap it (``--max-served-params``)."""
+        return sum(self.module_rank(m) * (d_out + d_in) for m, (d_out, d_in) in self.modules.items())
+
     def quant_spec(self, module: str, role: str) -> QuantSpec | None:
         return self.quant.get(module, {}).get(role)
 
@@ -344,6 +352,7 @@ class Manifest:
             _check_rank_fits(data["rank"], modules, ranks, p)
         files = _parse_files(data["files"], p)
         adapters = _parse_adapters(data["adapters"], files, data["clusters"], p)
+        _check_no_foreign_files(files, data["adapters"], p)
         if p:
             raise BundleError(f"{label} is invalid:\n" + "\n".join(f"  - {x}" for x in p))
         return cls(base_model=data["base_model"], method=data["method"], rank=data["rank"], dtype=data["dtype"],
@@ -408,6 +417,53 @@ def _parse_files(raw: object, p: list[str]) -> dict[str, FileEntry]:
     if isinstance(raw, dict) and BASIS not in raw:
         p.append(f"`files` does not list {BASIS}")
     return out
+
+
+def bundle_file_paths(adapter_names: Iterable[str]) -> set[str]:
+    """Every file a bundle of these adapters may list in ``files``: basis.safetensors, metrics.json
+    and each adapter's core file (manifest.json and signature.json are never listed)."""
+    return {BASIS, METRICS, *(core_path(n) for n in adapter_names)}
+
+
+def _check_no_foreign_files(files: dict[str, FileEntry], adapters: object, p: list[str]) -> None:
+    """A file that is not part of the format is refused: it would be signed and published bytes
+    no reader checks (a way to keep arbitrary bytes on a registry past its unpublished quota)."""
+    names = [n for n in adapters if isinstance(n, str)] if isinstance(adapters, dict) else []
+    foreign = sorted(set(files) - bundle_file_paths(names))
+    if foreign:
+        p.append(f"`files` lists {', '.join(f'`{f}`' for f in foreign)}, which a bundle does not hold (only "
+                 f"{BASIS}, {METRICS} and cores/<adapter>.safetensors of its adapters); remove "
+                 f"{'it' if len(foreign) == 1 else 'them'}")
+
+
+METRICS_BYTES_BASE = 64 << 10
+"""metrics.json bytes allowed besides its per-(module, adapter) entries."""
+METRICS_BYTES_PER_ENTRY = 1 << 10
+"""metrics.json bytes allowed per (module, adapter) pair (a real entry, indented, is ~70 bytes)."""
+
+
+def metrics_cap(m: Manifest) -> int:
+    """Largest metrics.json a bundle with ``m``'s modules and adapters may have."""
+    return METRICS_BYTES_BASE + METRICS_BYTES_PER_ENTRY * len(m.modules) * len(m.adapters)
+
+
+def metrics_problems(data: object, m: Manifest) -> list[str]:
+    """metrics.json (parsed) holds only what ``compress`` writes there, for ``m``'s own modules and
+    adapters: ``{"error_definition": str, "modules": [{"module", "error": {adapter: number},
+    "lower_bound": {adapter: number}}]}``. Empty when it does."""
+    if not (isinstance(data, dict) and set(data) <= {"error_definition", "modules"}
+            and isinstance(data.get("error_definition", ""), str) and len(data.get("error_definition", "")) <= 1024
+            and isinstance(data.get("modules", []), list)):
+        return [f"{METRICS} must be an object with `error_definition` (a short string) and `modules` (a list)"]
+    problems = []
+    for i, e in enumerate(data.get("modules", [])):
+        if not (isinstance(e, dict) and set(e) == {"module", "error", "lower_bound"} and e["module"] in m.modules
+                and all(isinstance(e[k], dict) and set(e[k]) <= set(m.adapters)
+                        and all(_is_num(v) for v in e[k].values()) for k in ("error", "lower_bound"))):
+            problems.append(f"{METRICS}: entry {i} is not {{module, error, lower_bound}} of this bundle's modules "
+                            "and adapters with numbers")
+            break
+    return problems
 
 
 def _parse_adapters(raw: object, files: dict[str, FileEntry], clusters: object,

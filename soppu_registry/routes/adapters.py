@@ -35,14 +35,14 @@ def version_view(v: dict[str, Any]) -> dict[str, Any]:
     return {k: v[k] for k in VERSION_FIELDS}
 
 
-_VERSION_RE = re.compile(r"^[0-9]{1,19}$")
+_VERSION_RE = re.compile(r"[0-9]{1,19}")
 
 
 async def version_path(version: Annotated[str, Path(
         description=f"a version number, 1 to {INT64_MAX} in ASCII digits",
         json_schema_extra={"pattern": r"^[0-9]{1,19}$"})]) -> int:
     """``{version}``: ASCII digits, 1..INT64_MAX (SQLite's integer range); else 400 ``bad_request``."""
-    if not _VERSION_RE.match(version) or not 1 <= int(version) <= INT64_MAX:
+    if not _VERSION_RE.fullmatch(version) or not 1 <= int(version) <= INT64_MAX:  # `$` let "1\n" in
         raise ApiError(400, "bad_request", f"version must be an integer from 1 to {INT64_MAX} in ASCII digits, "
                                            f"got {version!r}")
     return int(version)
@@ -64,7 +64,8 @@ def _checked_statement(state: RegistryState, owner: str, name: str | None, versi
     files = st["files"]
     checks.check_blobs(store, files, owner)
     manifest = checks.check_manifest(store, st, files, name)
-    checks.check_rank(manifest, state.config.max_rank)
+    checks.check_metrics(store, files, manifest)
+    checks.check_rank(manifest, state.config.max_rank, state.config.max_served_params)
     state.safetensors.check(store, files, manifest)
     return sig, st
 
