@@ -121,3 +121,12 @@ def materializations(log_text: str) -> list[tuple[str, list[str], list[str]]]:
         return [] if text.strip() == "nothing" else [p.strip() for p in text.split(",")]
 
     return [(m.group(1), paths(m.group(2)), paths(m.group(4))) for m in _MATERIALIZED.finditer(log_text)]
+
+
+_RESIDENCY = re.compile(r"soppu compressed: (.*?); residency ((?:\w+=\d+ ?)+)$", re.M)
+
+
+def residency_log(log_text: str) -> list[tuple[str, dict[str, int]]]:
+    """(event, figures) per residency line the compressed path logged (``hooks._log_residency``), in order."""
+    return [(m.group(1), {k: int(v) for k, v in (kv.split("=") for kv in m.group(2).split())})
+            for m in _RESIDENCY.finditer(log_text)]

@@ -68,12 +68,16 @@ def residency(manager) -> dict[str, int]:
 def _log_residency(manager, what: str) -> None:
     from vllm_lora_resolver.compressed.layers import log
 
+    from vllm_lora_resolver.compressed.loader import host_bases
+
     r = residency(manager)
+    n_host, host_bytes = host_bases()
     log.info("soppu compressed: %s; residency compressed_adapters=%d core_bytes_per_adapter=%d core_table_bytes=%d "
-             "bases=%d basis_bytes=%d ordinary_adapters=%d pool_slots=%d pool_bytes=%d stock_slot_bytes=%d",
+             "bases=%d basis_bytes=%d ordinary_adapters=%d pool_slots=%d pool_bytes=%d stock_slot_bytes=%d "
+             "host_bases=%d host_basis_bytes=%d",
              what, r.get("compressed_adapters", 0), r.get("core_bytes_per_slot", 0), r.get("core_table_bytes", 0),
              r.get("bases", 0), r.get("basis_bytes", 0), r.get("ordinary_adapters", 0), r.get("pool_slots", 0),
-             r.get("pool_bytes", 0), r.get("stock_slot_bytes", 0))
+             r.get("pool_bytes", 0), r.get("stock_slot_bytes", 0), n_host, host_bytes)
 
 
 def install() -> bool:
@@ -141,10 +145,9 @@ def install() -> bool:
         index = self.lora_index_to_id.index(lora_id) if lora_id in self.lora_index_to_id else None
         result = original_deactivate(self, lora_id)
         if index is not None:
-            for module in self.modules.values():
-                if is_soppu_layer(module):
-                    module.soppu_release(index)
-            _log_residency(self, f"released adapter id {lora_id} from slot {index}")
+            kinds = {module.soppu_release(index) for module in self.modules.values() if is_soppu_layer(module)}
+            if "core" in kinds:
+                _log_residency(self, f"released adapter id {lora_id} from slot {index}")
         return result
 
     mm.LoRAModelManager._deactivate_adapter = _deactivate_adapter

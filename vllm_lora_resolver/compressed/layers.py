@@ -94,11 +94,16 @@ class SoppuLinearMixin:
         return tuple(int(s) for s in self.output_slices)
 
     # ---- vLLM's slot API -------------------------------------------------------------------
+    # Every change of the layer's state runs in inference mode: vLLM calls these both inside its
+    # forward's inference mode (activation for a batch) and outside it (add_lora), and a tensor
+    # made in inference mode cannot be changed in place outside it.
+    @torch.inference_mode()
     def reset_lora(self, index: int) -> None:
         if self._soppu_raw:  # the parent's set_lora resets the pool row it writes
             return super().reset_lora(index)
         self.soppu_release(index)
 
+    @torch.inference_mode()
     def set_lora(self, index: int, lora_a, lora_b) -> None:
         self.soppu_release(index)
         if is_soppu_weights(lora_b):
@@ -121,9 +126,11 @@ class SoppuLinearMixin:
         self._soppu_pool_of_slot[index] = p
         self._soppu_kind[index] = "full"
 
-    def soppu_release(self, index: int) -> None:
+    @torch.inference_mode()
+    def soppu_release(self, index: int) -> str | None:
         """Free whatever vLLM slot ``index`` holds here: its cores (and a basis with its last user), or
-        its pool slot. vLLM calls ``reset_lora``/``set_lora``; the hooks call this on deactivation."""
+        its pool slot. vLLM calls ``reset_lora``/``set_lora``; the hooks call this on deactivation.
+        Returns what the slot held: "core", "full" or None."""
         kind = self._soppu_kind[index]
         if kind == "core":
             for state in self._soppu_slices:
@@ -140,6 +147,7 @@ class SoppuLinearMixin:
             if len(self._soppu_free_pool) == self._soppu_pool_cap and self._soppu_pool_cap > INITIAL_POOL:
                 self._soppu_resize_pool(min(INITIAL_POOL, self._soppu_n_slots))
         self._soppu_kind[index] = None
+        return kind
 
     def _soppu_take_pool_slot(self) -> int:
         if not self._soppu_free_pool:

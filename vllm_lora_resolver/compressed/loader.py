@@ -29,7 +29,8 @@ from vllm.lora.lora_weights import LoRALayerWeights
 
 from soppu_client.format.compressed_form import check_compressed_file, read_compressed_config
 
-__all__ = ["CompressedLoadError", "SoppuBasis", "SoppuCoreWeights", "is_soppu_weights", "load_compressed_lora"]
+__all__ = ["CompressedLoadError", "SoppuBasis", "SoppuCoreWeights", "host_bases", "is_soppu_weights",
+           "load_compressed_lora"]
 
 
 class CompressedLoadError(ValueError):
@@ -78,6 +79,13 @@ def is_soppu_weights(lora_b: object) -> bool:
 
 _lock = threading.Lock()
 _bases: weakref.WeakValueDictionary[tuple[str, str, torch.dtype], SoppuBasis] = weakref.WeakValueDictionary()
+
+
+def host_bases() -> tuple[int, int]:
+    """(module bases, bytes) held in this process by loaded compressed adapters (vLLM's CPU LoRA cache)."""
+    with _lock:
+        live = list(_bases.values())
+    return len(live), sum(b.nbytes for b in live)
 
 
 def _bases_of(config: dict, adapter_dir: Path, dtype: torch.dtype) -> dict[str, SoppuBasis]:
