@@ -45,6 +45,7 @@ from soppu_client.format.names import BASIS, MANIFEST
 from soppu_client.format.errors import (BundleError, InputError, RegistryError, SignatureError, SoppuError,
                                        VerificationError)
 from soppu_client.format.refs import AdapterRef
+from soppu_client.known_keys import KnownKeys, choose_key
 from soppu_client.registry_client import BlobDigestError, RegistryClient
 
 __all__ = ["Fetched", "VerifiedVersion", "VersionRecord", "fetch_published_basis", "fetch_verified", "owner_key",
@@ -281,16 +282,36 @@ def fetch_verified(client: RegistryClient, target: AdapterRef | str | VersionRec
 
 
 def fetch_published_basis(client: RegistryClient, ref: AdapterRef | str, dest: str | Path, *,
-                          public_key: Ed25519PublicKey | None = None) -> tuple[Bundle, dict[str, Any]]:
+                          public_key: Ed25519PublicKey | None = None,
+                          known_keys: KnownKeys | None = None) -> tuple[Bundle, dict[str, Any]]:
     """The manifest and basis of published ``ref``, verified, into the new dir ``dest`` (atomic).
 
-    Only these two files come down: other adapters' cores never leave the registry. Returns (the
-    basis-only bundle, opened with ``verify_digests=False`` since its cores are absent; the
-    verified signed statement).
+    The owner's key: ``public_key`` (pinned) when given; else, with ``known_keys``, trust on first
+    use (:func:`soppu_client.known_keys.choose_key`: a key this user accepted before for the owner,
+    or one the registry's rotation proofs lead to from it; the first key seen is accepted and
+    recorded once the fetch succeeded); else the registry's key. Only these two files come down:
+    other adapters' cores never leave the registry. Returns (the basis-only bundle, opened with
+    ``verify_digests=False`` since its cores are absent; the verified signed statement).
     """
+    subject = "published adapter"
+    new: dict[str, str] = {}
+    target: AdapterRef | str | VersionRecord = ref
+    if public_key is None and known_keys is not None:
+        record = resolve_version(client, ref, subject=subject)
+        owner = record.ref.owner
+        try:
+            listing = client.get_keys(owner)
+        except RegistryError as e:
+            raise _refusal(e, "fetching the owner's keys", f"{subject} {record.ref}", None) from None
+        try:
+            public_key, new = choose_key(known_keys.load(owner), listing, owner, record.signature.get("key_id"),
+                                         store=known_keys.path(owner))
+        except SignatureError as e:
+            raise SignatureError(f"{record.label}: bad signature: {e}", code=e.code) from None
+        target = record
     with staged_dir(dest, force=False) as tmp:
-        fetched = fetch_verified(client, ref, [BASIS], tmp, public_key=public_key, subject="published adapter")
+        fetched = fetch_verified(client, target, [BASIS], tmp, public_key=public_key, subject=subject)
         opened = Bundle.open(tmp, verify_digests=False)  # the manifest's own checks
+    if new and known_keys is not None:
+        known_keys.add(fetched.verified.record.ref.owner, new)
     return Bundle(path=Path(dest), manifest=opened.manifest), fetched.statement
-
-

@@ -5,6 +5,11 @@ For each adapter and serving form, the newest ``keep`` version dirs stay, and so
 lists (its ``soppu_source.json`` files, and a compressed dir's basis) goes too. A pinned request
 for a removed version later fetches and verifies it again.
 
+Never outside the root: every entry is looked at with ``lstat`` and a symlink is never followed,
+listed into or deleted through (a symlinked owner, adapter or version dir is skipped and counted
+in ``links``); the dirs on the way must be real (``Cache.real_dir``), else a CacheError names the
+path to remove.
+
 Concurrency: a version dir is removed under its ``Cache.version_lock`` and a blob under its
 ``Cache.blob_lock``, each taken without waiting (held by a running fetch: skipped, counted in
 ``busy``). A dir is first renamed into ``.tmp`` and deleted there, so readers see it whole or not
@@ -16,15 +21,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
 from filelock import Timeout
 
-from soppu_client.format.compressed_form import CompressedAdapterError, read_compressed_config
 from soppu_client.format.errors import InputError
 from soppu_client.format.names import HEX64_RE
-from soppu_serving.cache import FORMS, MARKER, Cache
+from soppu_serving.cache import FORMS, LATEST, MARKER, Cache
 
 __all__ = ["prune_cache"]
 
@@ -32,28 +37,40 @@ _VERSION = re.compile(r"^v([0-9]+)$")
 
 
 def _dir_bytes(path: Path) -> int:
-    """Bytes that removing ``path`` frees: files not hard-linked elsewhere (a shared basis is not)."""
+    """Bytes that removing ``path`` frees: files not hard-linked elsewhere (a shared basis is not);
+    symlinks are not followed."""
     total = 0
-    for p in path.rglob("*"):
-        if p.is_file() and not p.is_symlink():
-            st = p.stat()
-            total += st.st_size if st.st_nlink == 1 else 0
+    for top, _, files in os.walk(path, followlinks=False):
+        for f in files:
+            st = os.lstat(os.path.join(top, f))
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                total += st.st_size
     return total
 
 
-def _used_blobs(version_dir: Path) -> set[str]:
+def _real_dirs(path: Path) -> tuple[list[Path], int]:
+    """(the real subdirs of ``path``, sorted; how many entries were symlinks, skipped; the
+    cache's own ``latest`` links do not count)."""
+    dirs, links = [], 0
+    for entry in os.scandir(path):
+        if entry.is_symlink():
+            if entry.name == LATEST:
+                continue
+            links += 1
+        elif entry.is_dir(follow_symlinks=False):
+            dirs.append(Path(entry.path))
+    return sorted(dirs), links
+
+
+def _used_blobs(cache: Cache, version_dir: Path) -> set[str]:
     """Blob digests a complete version dir was built from (and, compressed, links to)."""
     used: set[str] = set()
-    try:
-        used |= {f["sha256"] for f in json.loads((version_dir / MARKER).read_text(encoding="utf-8"))["files"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    try:
-        config = read_compressed_config(version_dir)
-    except CompressedAdapterError:
-        config = None
-    if config is not None:
-        used.add(str(config["basis"]["sha256"]))
+    for name, field in ((MARKER, "files"), ("adapter_config.json", "basis")):
+        try:
+            doc = json.loads(cache.read_text(version_dir / name))[field]
+            used |= {f["sha256"] for f in doc} if field == "files" else {str(doc["sha256"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     return used
 
 
@@ -65,16 +82,22 @@ def prune_cache(root: str | os.PathLike[str], *, keep: int = 1, dry_run: bool = 
     removed_blobs: list[str] = []
     freed, busy = 0, 0
     used: set[str] = set()
+    links = 0
     base = Cache(root, "peft")
     for form in FORMS:
         cache = Cache(base.root, form)
-        if not cache.tree.is_dir():
+        if not cache.real_dir(cache.tree, create=False):
             continue
-        for owner_dir in sorted(p for p in cache.tree.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for adapter_dir in sorted(p for p in owner_dir.iterdir() if p.is_dir()):
+        owners, n = _real_dirs(cache.tree)
+        links += n
+        for owner_dir in (p for p in owners if not p.name.startswith(".")):
+            adapters, n = _real_dirs(owner_dir)
+            links += n
+            for adapter_dir in adapters:
                 owner, name = owner_dir.name, adapter_dir.name
-                versions = sorted(int(m.group(1)) for p in adapter_dir.iterdir()
-                                  if (m := _VERSION.match(p.name)) and p.is_dir())
+                vdirs, n = _real_dirs(adapter_dir)
+                links += n
+                versions = sorted(int(m.group(1)) for p in vdirs if (m := _VERSION.match(p.name)))
                 kept = set(versions[-keep:])
                 latest = cache.latest_version(owner, name)
                 if latest is not None:
@@ -82,7 +105,7 @@ def prune_cache(root: str | os.PathLike[str], *, keep: int = 1, dry_run: bool = 
                 for v in versions:
                     vdir = cache.version_dir(owner, name, v)
                     if v in kept:
-                        used |= _used_blobs(vdir)
+                        used |= _used_blobs(cache, vdir)
                         continue
                     try:
                         with cache.version_lock(owner, name, v, timeout=0):
@@ -92,18 +115,18 @@ def prune_cache(root: str | os.PathLike[str], *, keep: int = 1, dry_run: bool = 
                                     os.replace(vdir, trash / vdir.name)
                     except Timeout:
                         busy += 1
-                        used |= _used_blobs(vdir)
+                        used |= _used_blobs(cache, vdir)
                         continue
                     removed_dirs.append(str(vdir.relative_to(cache.root)))
                     freed += size
     blob_dir = base.root / ".blobs" / "sha256"
-    if blob_dir.is_dir():
+    if base.real_dir(blob_dir, create=False):
         for blob in sorted(blob_dir.iterdir()):
             if not HEX64_RE.match(blob.name) or blob.name in used:
                 continue
             try:
                 with base.blob_lock(blob.name, timeout=0):
-                    size = blob.stat().st_size
+                    size = os.lstat(blob).st_size  # a planted symlink is removed itself, never its target
                     if not dry_run:
                         blob.unlink()
             except Timeout:
@@ -114,4 +137,4 @@ def prune_cache(root: str | os.PathLike[str], *, keep: int = 1, dry_run: bool = 
             removed_blobs.append(blob.name)
             freed += size
     return {"cache": str(base.root), "keep": keep, "dry_run": dry_run, "removed_dirs": removed_dirs,
-            "removed_blobs": removed_blobs, "bytes": freed, "busy": busy}
+            "removed_blobs": removed_blobs, "bytes": freed, "busy": busy, "links": links}

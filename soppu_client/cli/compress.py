@@ -127,7 +127,9 @@ def _storage_lines(plan: dict | None, sizes) -> list[str]:
 @registry_option("Registry base URL for --onto-published", required=False)
 @token_option("Token that may read OWNER's adapters", required=False)
 @click.option("--public-key", "public_key", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="Pin OWNER's public key (.pub) instead of trusting the key the registry lists.")
+              help="Pin OWNER's public key (.pub). Without it: trust on first use (the key first accepted for "
+                   "OWNER, recorded under $SOPPU_CONFIG_DIR or ~/.config/soppu/known_keys, or one the registry's "
+                   "rotation proofs lead to from it).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing output bundle.")
 @json_option
@@ -145,6 +147,7 @@ def project(adapter_dirs: tuple[Path, ...], onto: Path | None, published: str | 
     from soppu_client.fetch import fetch_published_basis
     from soppu_client.format import signing
     from soppu_client.format.refs import AdapterRef
+    from soppu_client.known_keys import KnownKeys, default_known_keys_dir
     from soppu_client.registry_client import RegistryClient
     from soppu_client.report import weight_table
 
@@ -157,8 +160,9 @@ def project(adapter_dirs: tuple[Path, ...], onto: Path | None, published: str | 
                 raise InputError(f"--onto-published needs --registry URL (or ${REGISTRY_URL_ENV})")
             ref = AdapterRef.parse(published, label="--onto-published")
             pub = signing.load_public_key(public_key) if public_key else None
+            known = None if pub is not None else KnownKeys(default_known_keys_dir(registry))
             onto, statement = fetch_published_basis(RegistryClient(registry, token), ref, Path(scratch) / "basis",
-                                                    public_key=pub)
+                                                    public_key=pub, known_keys=known)
             label = f"{registry.rstrip('/')}/{ref.owner}/{ref.name}@{statement['version']}"
         manifest = project_adapters(list(adapter_dirs), onto, out, force=force, progress=progress("projecting modules"),
                                     onto_label=label)

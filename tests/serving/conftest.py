@@ -20,6 +20,22 @@ class Published:
     tmp: Path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_config_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`soppu project --onto-published` records known owner keys under $SOPPU_CONFIG_DIR: a fresh
+    one for this test session (never the user's ~/.config/soppu)."""
+    import os
+
+    old = os.environ.get("SOPPU_CONFIG_DIR")
+    path = tmp_path_factory.mktemp("soppu-config")
+    os.environ["SOPPU_CONFIG_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SOPPU_CONFIG_DIR", None)
+    else:
+        os.environ["SOPPU_CONFIG_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def published(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
     tmp = tmp_path_factory.mktemp("soppu-source")

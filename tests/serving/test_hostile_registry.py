@@ -144,6 +144,9 @@ def test_key_rotation_with_several_pinned_keys(tmp_path: Path, source_env: Path,
         # Unpinned: the registry's keys, active or rotated, verify both versions.
         assert _src("alice/ro0@1", reg).download_model_assets()[0].parent.name == "v1"
         assert _src("alice/ro0", reg).download_model_assets()[0].parent.name == "v2"
+        # ... under trust on first use: v1 made the old key known, v2's key came in through its rotation proof.
+        known = Cache(source_env).trust_dir(trust_id(None, reg.url)) / "keys" / "alice.json"
+        assert set(json.loads(known.read_text())["keys"]) == {old_id, new_id}
         # Pinned with only the old key: v1 still served, v2 refused naming the key and the fix.
         keys = tmp_path / "trusted"
         keys.mkdir()
