@@ -3,6 +3,7 @@ refcounted bases, against the kernels' fp32 reference and a dense float64 produc
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from soppu_kernels import reference as R
@@ -103,3 +104,41 @@ def test_a_core_larger_than_the_layer_rank_is_refused() -> None:
         assert "k=8 exceeds the layer's rank 4 (vLLM's --max-lora-rank)" in str(e)
     else:
         raise AssertionError("k above the layer rank was accepted")
+
+
+def _three_adapters(device: str, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(4)
+    st = SliceCores(n_slots=5, d_in=D_IN, d_out=D_OUT, k=K, dtype=dtype, device=device)
+    (Ua, Va), (Ub, Vb) = _basis(gen, K), _basis(gen, K)
+    st.set(0, "A", Ua, Va, torch.randn(K, K, generator=gen))
+    st.set(3, "B", Ub, Vb, torch.randn(K, K, generator=gen))
+    st.set(4, "A", Ua, Va, torch.randn(K, K, generator=gen))
+    x = torch.randn(7, D_IN, generator=gen).to(device=device, dtype=dtype)
+    idx = torch.tensor([0, 3, -1, 4, 4, 2, 0], device=device)
+    y0 = torch.randn(7, D_OUT, generator=gen).to(device=device, dtype=dtype)
+    return st, x, idx, y0
+
+
+def test_triton_path_under_the_interpreter() -> None:
+    """The CUDA path's kernel choice (Triton, two bases as clusters), run by Triton's CPU interpreter."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("run with TRITON_INTERPRET=1 (the test command sets it) to interpret the Triton path on CPU")
+    st, x, idx, y0 = _three_adapters("cpu", torch.float32)
+    ref = st.apply(y0.clone(), x, idx, backend="reference")
+    assert (ref - y0).abs().max() > 1e-2, "vacuous"
+    out = st.apply(y0.clone(), x, idx, backend="triton")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_path_picks_the_kernels(dtype: torch.dtype) -> None:
+    st, x, idx, y0 = _three_adapters("cuda", dtype)
+    cpu, xc, ic, yc = _three_adapters("cpu", torch.float32)
+    ref = cpu.apply(yc.clone(), xc, ic, backend="reference")
+    out = st.apply(y0.clone(), x, idx)  # backend None on CUDA: soppu_kernels "auto" (Triton)
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out.float().cpu(), ref, rtol=tol, atol=tol)

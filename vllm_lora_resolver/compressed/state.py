@@ -130,22 +130,26 @@ class SliceCores:
             self.cores = None  # the last compressed adapter left this slice: its table goes too
 
     # ---- the op ----------------------------------------------------------------------------
-    def apply(self, y: torch.Tensor, x: torch.Tensor, slot_index: torch.Tensor) -> torch.Tensor:
+    def apply(self, y: torch.Tensor, x: torch.Tensor, slot_index: torch.Tensor, *,
+              backend: str | None = None) -> torch.Tensor:
         """y[t] += U_b S_i V_b^T x[t] for each token t with slot i = slot_index[t] holding a compressed
         adapter of this slice (other slots have zero cores: exactly 0 added; -1: untouched).
 
         y: [T, d_out] (a column slice of the layer's output is fine), x: [T, d_in], slot_index: [T].
+        backend: a ``soppu_kernels`` backend; None picks it: ``torch`` on CPU, ``auto`` (Triton) on CUDA.
         """
         if not self.blocks or self.cores is None:
             return y
         import soppu_kernels as sk
 
-        if x.device.type == "cpu":
+        if backend is None:
+            backend = "torch" if x.device.type == "cpu" else "auto"
+        if backend in ("torch", "reference"):
             return sk.shared_basis_lora(y, x, self.U, self.V, self.cores, slot_index, self.slot_block, diag=False,
-                                        backend="torch")
+                                        backend=backend)
         out = y.contiguous()
         sk.shared_basis_lora(out, x.contiguous(), self.U, self.V, self.cores, slot_index, self.slot_block, diag=False,
-                             backend="auto")
+                             backend=backend)
         if out.data_ptr() != y.data_ptr():
             y.copy_(out)
         return y
