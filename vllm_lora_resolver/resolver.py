@@ -13,8 +13,9 @@ vLLM consults resolvers when a request names a model it does not know
    path, or ``SOPPU_SERVED_BASE_MODEL``) before any download, then materialize (digests, tensors,
    one download per blob however many requests race). An adapter the registry does not have ->
    ``None``, which vLLM answers with 404;
-3. returns a ``LoRARequest`` on the served dir (``SOPPU_SERVE_FORMAT``; vLLM's stock loader reads
-   the PEFT form).
+3. returns a ``LoRARequest`` on the served dir (``SOPPU_SERVE_FORMAT``: vLLM's stock loader reads
+   the PEFT form; the compressed form is loaded by the hooks the plugin installs in every vLLM
+   process with ``SOPPU_SERVE_FORMAT=compressed``, :mod:`vllm_lora_resolver.compressed`).
 
 A refusal (verification, base model, registry) raises :class:`SoppuResolveError`, a vLLM error
 that the API server turns into a JSON error response carrying the message; it is logged too,
