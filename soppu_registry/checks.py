@@ -110,7 +110,8 @@ def check_metrics(store: Storage, files: list[dict[str, Any]], m: Manifest) -> N
     """metrics.json, when listed, is at most ``bundle.metrics_cap`` bytes and holds only the
     bundle's own metrics (``bundle.metrics_problems``); 400 ``bad_manifest``. With the rule that a
     manifest lists no file the format does not define (``Manifest.from_json``), no published byte
-    is outside a structure the registry checked."""
+    is outside a structure the registry checked. (Run through ``SafetensorsChecker.check_metrics``,
+    which remembers what passed.)"""
     entry = next((f for f in files if f["path"] == METRICS), None)
     if entry is None:
         return
@@ -147,11 +148,25 @@ def header_cap(expected: dict[str, Any] | None) -> int:
 
 
 class SafetensorsChecker:
-    """validate_safetensors on blobs, remembering (digest, expectation) pairs that passed."""
+    """validate_safetensors on blobs, and :func:`check_metrics`, remembering what passed:
+    (digest, expectation) pairs, (metrics.json digest, manifest.json digest) pairs. A bundle
+    published adapter by adapter is checked once."""
 
     def __init__(self) -> None:
         self._ok: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+
+    def check_metrics(self, store: Storage, files: list[dict[str, Any]], m: Manifest) -> None:
+        digests = {f["path"]: f["sha256"] for f in files}
+        if METRICS not in digests:
+            return
+        key = (digests[METRICS], "metrics of manifest " + digests[MANIFEST])
+        with self._lock:
+            if key in self._ok:
+                return
+        check_metrics(store, files, m)
+        with self._lock:
+            self._ok.add(key)
 
     def check(self, store: Storage, files: list[dict[str, Any]], m: Manifest) -> None:
         for f in files:

@@ -64,7 +64,7 @@ def _checked_statement(state: RegistryState, owner: str, name: str | None, versi
     files = st["files"]
     checks.check_blobs(store, files, owner)
     manifest = checks.check_manifest(store, st, files, name)
-    checks.check_metrics(store, files, manifest)
+    state.safetensors.check_metrics(store, files, manifest)
     checks.check_rank(manifest, state.config.max_rank, state.config.max_served_params)
     state.safetensors.check(store, files, manifest)
     return sig, st
