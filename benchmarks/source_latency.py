@@ -1,23 +1,29 @@
-"""Resolve-to-loadable latency of the LoRAX ``soppu`` source against a loopback registry.
+"""Cold and warm resolve latency of the serving session against a loopback registry, by bundle size.
 
-"Resolve-to-loadable": from constructing ``SoppuModelSource("owner/name")`` until
-``weight_files()`` returns the PEFT safetensors file LoRAX loads (registry lookup, signature and
-digest checks, download, export, atomic rename). Measured for
+"Resolve": one request's ``Session.serve(owner/name)`` (what the vLLM resolver and the LoRAX
+source call), from the call until the adapter dir is ready for the engine to load: registry
+lookup, key and signature check, rollback check, download, export to the serving form, atomic
+rename. Per (bundle size, form):
 
-* one adapter, cold (empty cache) and warm (materialized; a fresh source still asks the registry),
-* 100 adapters of one bundle sharing one basis, cold and warm, one after another in one process;
-  the basis must be fetched once (asserted from the source's own stats, and reported). Done for
-  each serving form (``SOPPU_SERVE_FORMAT``): ``peft`` (a LoRA dir per adapter, what stock LoRAX
-  loads) and ``compressed`` (basis + cores, one basis copy on disk, hard-linked), with the bytes
-  each form leaves in the cache (hard links counted once) and the bytes LoRAX reads to load all
-  adapters (compressed: the basis once + every core).
+* ``cold``: the first request of each of ``--samples`` random adapters of the bundle, one after
+  another in one process (one session, as an engine holds it), after one warm-up request of
+  another adapter of the same bundle: so the manifest, the basis and (compressed form) the
+  cluster's served basis are already cached, as they are for every adapter but the first of a
+  bundle on a serving host; the warm-up's own time is reported as ``cold_first_ms``;
+* ``warm``: the same adapters again, each a new request (every request asks the registry:
+  ``SOPPU_RESOLVE_TTL=0``), once the files are out of the racy window of the cache's stamps;
+* ``peft_write_ms`` (PEFT rows): writing the expanded adapter file's bytes to a new file and
+  fsyncing it, the floor any PEFT materialization pays.
 
-Everything runs on this machine: a real ``soppu-registry serve`` on 127.0.0.1, a bundle made by
-``soppu compress`` from synthetic adapters on SmolLM2-135M shapes, signed and uploaded with the
-``soppu`` CLI. Prints one JSON object; never asserts a time.
+Bundles: ``--bundle-adapters`` sizes, Mistral-7B shapes (``--layers`` 32, q_proj 4096x4096 and
+v_proj 1024x4096, k ``--rank`` 16), made by ``soppu compress`` from synthetic rank-``--adapter-rank``
+adapters sharing one subspace per module, signed, uploaded with ``soppu upload`` (batch publish)
+to a real ``soppu-registry serve`` on 127.0.0.1. ``--work DIR`` keeps the bundles between runs.
 
-    python benchmarks/source_latency.py [--adapters 100] [--layers 30] [--rank 8] [--repeats 20]
-                                        [--forms peft,compressed]
+    python benchmarks/source_latency.py --bundle-adapters 10,1000 --json [--samples 30]
+
+Prints one JSON object with ``results`` (one row per bundle size and form: ``adapters``, ``form``,
+``cold_p50_ms``, ``cold_p99_ms``, ``warm_p50_ms``, ...) and the issue-20 ratios; never asserts a time.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import socket
 import statistics
@@ -34,54 +41,77 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import requests
 from safetensors.numpy import save_file
 
 BIN = Path(sys.executable).parent
-BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SHAPES = {"q_proj": (576, 576), "v_proj": (192, 576)}
+BASE_MODEL = "mistralai/Mistral-7B-v0.1"
+SHAPES = {"q_proj": (4096, 4096), "v_proj": (1024, 4096)}  # (d_out, d_in)
+OWNER = "bench"
 
 
-def run(*args: str) -> str:
-    proc = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True)
+def run(*args: str, timeout: float | None = None) -> str:
+    proc = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
-        sys.exit(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+        sys.exit(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return proc.stdout
 
 
-def make_adapters(root: Path, n: int, layers: int, rank: int, seed: int = 0) -> list[Path]:
-    """n LoRA adapters whose updates share one rank-`rank` subspace pair per module."""
+def make_adapters(root: Path, n: int, layers: int, rank: int, shared: int, seed: int = 0) -> list[Path]:
+    """``n`` LoRA adapters of rank ``rank`` whose updates lie in one rank-``shared`` subspace pair per module."""
     rng = np.random.default_rng(seed)
-    shared = {(i, m): (np.linalg.qr(rng.standard_normal((d_out, rank)))[0].astype(np.float32),
-                       np.linalg.qr(rng.standard_normal((d_in, rank)))[0].T.astype(np.float32).copy())
-              for i in range(layers) for m, (d_out, d_in) in SHAPES.items()}
+    bases = {(i, m): (np.linalg.qr(rng.standard_normal((d_out, shared)))[0].astype(np.float32),
+                      np.linalg.qr(rng.standard_normal((d_in, shared)))[0].T.astype(np.float32).copy())
+             for i in range(layers) for m, (d_out, d_in) in SHAPES.items()}
     out = []
     for j in range(n):
-        path = root / f"user{j:03d}"
-        path.mkdir(parents=True)
+        path = root / f"user{j:04d}"
+        out.append(path)
+        if (path / "adapter_config.json").is_file():
+            continue
+        path.mkdir(parents=True, exist_ok=True)
         tensors = {}
-        for (i, m), (B0, A0) in shared.items():
+        for (i, m), (B0, A0) in bases.items():
             prefix = f"base_model.model.model.layers.{i}.self_attn.{m}"
-            tensors[f"{prefix}.lora_A.weight"] = A0
-            tensors[f"{prefix}.lora_B.weight"] = B0 @ (0.3 * rng.standard_normal((rank, rank))).astype(np.float32)
+            mix_a = rng.standard_normal((rank, shared)).astype(np.float32) / np.sqrt(shared)
+            mix_b = (0.3 * rng.standard_normal((shared, rank))).astype(np.float32)
+            tensors[f"{prefix}.lora_A.weight"] = mix_a @ A0
+            tensors[f"{prefix}.lora_B.weight"] = B0 @ mix_b
         save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
         (path / "adapter_config.json").write_text(json.dumps({
             "peft_type": "LORA", "base_model_name_or_path": BASE_MODEL, "r": rank, "lora_alpha": rank,
             "target_modules": ["q_proj", "v_proj"], "fan_in_fan_out": False, "task_type": "CAUSAL_LM",
             "lora_dropout": 0.0, "bias": "none", "layers_to_transform": list(range(layers))}))
-        out.append(path)
     return out
 
 
-def start_registry(tmp: Path) -> tuple[subprocess.Popen, str, str, Path]:
+def bundle_for(work: Path, n: int, args: argparse.Namespace) -> tuple[Path, float]:
+    """The compressed bundle of ``n`` adapters (made once per ``--work`` dir); (path, seconds to make it)."""
+    bundle = work / f"bundle-{n}-L{args.layers}-k{args.rank}"
+    if (bundle / "manifest.json").is_file():
+        return bundle, 0.0
+    t0 = time.perf_counter()
+    adapters = make_adapters(work / f"adapters-{n}-L{args.layers}", n, args.layers, args.adapter_rank, args.rank)
+    tmp = bundle.with_name(bundle.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    run("soppu", "compress", *map(str, adapters), "-o", str(tmp), "--rank", str(args.rank), "--max-iter",
+        str(args.max_iter))
+    tmp.rename(bundle)
+    if not args.keep_adapters:
+        shutil.rmtree(work / f"adapters-{n}-L{args.layers}", ignore_errors=True)
+    return bundle, time.perf_counter() - t0
+
+
+def start_registry(tmp: Path) -> tuple[subprocess.Popen, str, str, Path, str]:
     data = tmp / "registry"
-    run("soppu-registry", "create-owner", "--data", str(data), "bench")
+    run("soppu-registry", "create-owner", "--data", str(data), OWNER)
     key = tmp / "bench.key"
     run("soppu", "keygen", "-o", str(key))
-    run("soppu-registry", "register-key", "--data", str(data), "--owner", "bench", "--public-key", f"{key}.pub")
-    write = json.loads(run("soppu-registry", "issue-token", "--data", str(data), "--owner", "bench",
+    run("soppu-registry", "register-key", "--data", str(data), "--owner", OWNER, "--public-key", f"{key}.pub")
+    write = json.loads(run("soppu-registry", "issue-token", "--data", str(data), "--owner", OWNER,
                            "--scope", "owner-write", "--json"))["token"]
     serving = json.loads(run("soppu-registry", "issue-token", "--data", str(data), "--scope", "serving-read",
                              "--json"))["token"]
@@ -108,137 +138,128 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def summary(seconds: list[float]) -> dict:
-    ms = [s * 1e3 for s in seconds]
-    return {"n": len(ms), "p50_ms": round(pct(ms, 50), 3), "p99_ms": round(pct(ms, 99), 3),
-            "mean_ms": round(statistics.fmean(ms), 3), "max_ms": round(max(ms), 3)}
+def ms(seconds: list[float], q: float) -> float:
+    return round(pct([s * 1e3 for s in seconds], q), 2)
 
 
-def disk_bytes(root: Path, *, skip: tuple[str, ...] = ()) -> int:
-    """Bytes of the files under ``root`` with each inode counted once (hard links share one copy)."""
-    seen, total = set(), 0
-    for p in root.rglob("*"):
-        if p.is_file() and not p.is_symlink() and not any(part in skip for part in p.relative_to(root).parts):
-            st = p.stat()
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-    return total
+def write_floor(path: Path, scratch: Path) -> float:
+    """Seconds to write ``path``'s bytes to a new file and fsync it (the bytes already in memory)."""
+    data = path.read_bytes()
+    out = scratch / f"floor-{os.getpid()}"
+    t0 = time.perf_counter()
+    with open(out, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    dt = time.perf_counter() - t0
+    out.unlink()
+    return dt
+
+
+def measure(url: str, token: str, names: list[str], cache: Path, form: str, samples: int, seed: int,
+            scratch: Path) -> dict[str, Any]:
+    from soppu_serving import AdapterRef, Session, Settings
+
+    session = Session(Settings(registry_url=url, cache_dir=cache, serve_format=form, resolve_ttl=0,
+                               registry_retries=0))
+    rng = random.Random(seed)
+    first, *rest = rng.sample(names, min(len(names), samples + 1))
+    t0 = time.perf_counter()
+    session.serve(AdapterRef(OWNER, first), token)
+    cold_first = time.perf_counter() - t0
+    cold, warm, floor, requests_, verifications, downloaded = [], [], [], [], [], []
+    for name in rest:
+        t0 = time.perf_counter()
+        served = session.serve(AdapterRef(OWNER, name), token)
+        cold.append(time.perf_counter() - t0)
+        assert served.stats.materialized and served.stats.blobs_downloaded == [f"cores/{name}.safetensors"], \
+            served.stats
+        requests_.append(served.stats.registry_requests)
+        verifications.append(served.stats.verifications)
+        downloaded.append(served.stats.bytes_downloaded)
+        if form == "peft":
+            floor.append(write_floor(served.path / "adapter_model.safetensors", scratch))
+    time.sleep(2.5)  # past the stamps' racy window: warm hits prove files with one lstat each
+    for name in rest:
+        t0 = time.perf_counter()
+        served = session.serve(AdapterRef(OWNER, name), token)
+        warm.append(time.perf_counter() - t0)
+        assert served.stats.warm and not served.stats.materialized
+    session.close()
+    row = {"form": form, "samples": len(rest), "cold_p50_ms": ms(cold, 50), "cold_p99_ms": ms(cold, 99),
+           "warm_p50_ms": ms(warm, 50), "warm_p99_ms": ms(warm, 99), "cold_first_ms": round(cold_first * 1e3, 2),
+           "registry_requests_per_cold": statistics.median(requests_),
+           "verifications_per_request": max(verifications), "core_bytes": int(statistics.median(downloaded))}
+    if floor:
+        row["peft_write_ms"] = ms(floor, 50)
+        row["cold_over_write"] = round(row["cold_p50_ms"] / row["peft_write_ms"], 2)
+    return row
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--adapters", type=int, default=100)
-    ap.add_argument("--layers", type=int, default=30, help="decoder layers carrying q_proj/v_proj LoRA (SmolLM2: 30)")
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=20, help="cold/warm trials of the single adapter")
-    ap.add_argument("--forms", default="peft,compressed", help="serving forms for the shared-basis run")
-    ap.add_argument("--keep", action="store_true", help="keep the temp dir")
+    ap.add_argument("--bundle-adapters", default="10,1000", help="bundle sizes, comma-separated")
+    ap.add_argument("--forms", default="peft,compressed")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=16, help="basis rank k")
+    ap.add_argument("--adapter-rank", type=int, default=2, help="rank of the synthetic source adapters")
+    ap.add_argument("--max-iter", type=int, default=3, help="compress iterations (the fit's quality is not measured)")
+    ap.add_argument("--samples", type=int, default=30, help="adapters requested per bundle size and form")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=None, help="dir that keeps the bundles between runs")
+    ap.add_argument("--keep-adapters", action="store_true", help="keep the synthetic adapter dirs in --work")
+    ap.add_argument("--json", action="store_true", help="print only the JSON object")
     args = ap.parse_args()
-
-    tmp = Path(tempfile.mkdtemp(prefix="soppu-source-bench-"))
-    proc = None
-    try:
-        t0 = time.perf_counter()
-        adapters = make_adapters(tmp / "adapters", args.adapters, args.layers, args.rank)
-        bundle = tmp / "bundle"
-        run("soppu", "compress", *map(str, adapters), "-o", str(bundle), "--rank", str(args.rank), "--max-iter", "30")
-        proc, url, serving, key, write = start_registry(tmp)
-        run("soppu", "sign", str(bundle), "--key", str(key), "--owner", "bench", "--version", "1")
-        run("soppu", "upload", str(bundle), "--registry", url, "--token", write, "--no-progress", "--retries", "0")
-        setup_s = time.perf_counter() - t0
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        basis_bytes = manifest["files"]["basis.safetensors"]["size"]
-        core_bytes = manifest["files"][f"cores/{adapters[0].name}.safetensors"]["size"]
-
-        os.environ["SOPPU_REGISTRY_URL"] = url
-        from soppu_serving.session import forget_sessions
-        from lorax_adapter_source.source import SoppuModelSource
-
-        def load(adapter_id: str, cache: Path, form: str = "peft") -> tuple[float, SoppuModelSource]:
-            forget_sessions()  # every trial pays the registry round trip, as a new request does
-            start = time.perf_counter()
-            src = SoppuModelSource(adapter_id, api_token=serving, cache_dir=cache, form=form)
+    sizes = [int(x) for x in args.bundle_adapters.split(",") if x]
+    forms = [f for f in args.forms.split(",") if f]
+    work = args.work or Path(tempfile.mkdtemp(prefix="soppu-latency-work-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results, made = [], {}
+    with tempfile.TemporaryDirectory(prefix="soppu-latency-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        for n in sizes:
+            bundle, made[n] = bundle_for(work, n, args)
+            names = sorted(json.loads((bundle / "manifest.json").read_text())["adapters"])
+            tmp = scratch / f"n{n}"
+            tmp.mkdir()
+            proc, url, serving, key, write = start_registry(tmp)
             try:
-                src.weight_files()
-            except FileNotFoundError:
-                src.download_model_assets()
-                src.weight_files()
-            return time.perf_counter() - start, src
-
-        one = f"bench/{adapters[0].name}"
-        cold1, warm1 = [], []
-        for r in range(args.repeats):
-            cache = tmp / f"cache-one-{r}"
-            dt, _ = load(one, cache)
-            cold1.append(dt)
-            dt, _ = load(one, cache)
-            warm1.append(dt)
-            shutil.rmtree(cache)
-
-        naive = args.adapters * (basis_bytes + core_bytes)
-        shared = {}
-        for form in args.forms.split(","):
-            cache = tmp / f"cache-many-{form}"
-            cold_many, warm_many = [], []
-            downloads: dict[str, int] = {}
-            bytes_down = 0
-            t_cold = time.perf_counter()
-            for a in adapters:
-                dt, src = load(f"bench/{a.name}", cache, form)
-                cold_many.append(dt)
-                for rel in src.last_stats.blobs_downloaded:
-                    key_ = "core" if rel.startswith("cores/") else rel
-                    downloads[key_] = downloads.get(key_, 0) + 1
-                bytes_down += src.last_stats.bytes_downloaded
-            cold_total = time.perf_counter() - t_cold
-            t_warm = time.perf_counter()
-            load_files = set()
-            for a in adapters:
-                dt, src = load(f"bench/{a.name}", cache, form)
-                warm_many.append(dt)
-                for f in src.weight_files():
-                    st = f.stat()
-                    load_files.add((st.st_dev, st.st_ino, st.st_size))
-            warm_total = time.perf_counter() - t_warm
-            if downloads.get("basis.safetensors") != 1:
-                sys.exit(f"{form}: basis was downloaded {downloads.get('basis.safetensors')} times, expected once")
-            shared[form] = {
-                "cold": {**summary(cold_many), "total_s": round(cold_total, 3)},
-                "warm": {**summary(warm_many), "total_s": round(warm_total, 3)},
-                "first_adapter_cold_ms": round(cold_many[0] * 1e3, 3),
-                "downloads": downloads,
-                "bytes_downloaded": bytes_down,
-                "bytes_if_basis_per_adapter": naive,
-                "download_ratio": round(naive / bytes_down, 2),
-                "cache_disk_bytes": disk_bytes(cache, skip=(".locks", ".tmp")),
-                "served_dirs_disk_bytes": disk_bytes(cache, skip=(".locks", ".tmp", ".blobs")),
-                "weight_bytes_loaded_for_all": sum(size for _, _, size in load_files),
-            }
-        if {"peft", "compressed"} <= set(shared):
-            shared["compressed_vs_peft"] = {
-                key: round(shared["peft"][key] / shared["compressed"][key], 2)
-                for key in ("served_dirs_disk_bytes", "weight_bytes_loaded_for_all")}
-
-        print(json.dumps({
-            "benchmark": "source_latency",
-            "what": "SoppuModelSource resolve-to-loadable (registry lookup + verify + download + write the served form)",
-            "config": {"adapters": args.adapters, "layers": args.layers, "rank": args.rank, "modules": 2 * args.layers,
-                       "repeats": args.repeats, "registry": "soppu-registry serve on 127.0.0.1"},
-            "sizes": {"basis_bytes": basis_bytes, "core_bytes": core_bytes},
-            "one_adapter": {"cold": summary(cold1), "warm": summary(warm1),
-                            "cold_over_warm_p50": round(pct(cold1, 50) / pct(warm1, 50), 2)},
-            "shared_basis": shared,
-            "setup_s": round(setup_s, 1),
-            "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                        "cpus": os.cpu_count()},
-        }, indent=2))
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(10)
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+                signed = tmp / "bundle"
+                shutil.copytree(bundle, signed)
+                run("soppu", "sign", str(signed), "--key", str(key), "--owner", OWNER, "--version", "1")
+                sig_bytes = (signed / "signature.json").stat().st_size
+                t0 = time.perf_counter()
+                run("soppu", "upload", str(signed), "--registry", url, "--token", write, "--no-progress",
+                    "--retries", "0")
+                upload_s = time.perf_counter() - t0
+                for form in forms:
+                    row = measure(url, serving, names, tmp / f"cache-{form}", form, args.samples, args.seed, scratch)
+                    results.append({"adapters": n, **row, "signature_json_bytes": sig_bytes,
+                                    "manifest_bytes": (bundle / "manifest.json").stat().st_size,
+                                    "upload_s": round(upload_s, 2)})
+                    if not args.json:
+                        print(json.dumps(results[-1]), file=sys.stderr)
+            finally:
+                proc.terminate()
+                proc.wait(10)
+    ratios = {}
+    for form in forms:
+        by = {r["adapters"]: r for r in results if r["form"] == form}
+        if len(sizes) > 1 and min(sizes) in by and max(sizes) in by:
+            ratios[f"{form}_cold_p50_{max(sizes)}_over_{min(sizes)}"] = round(
+                by[max(sizes)]["cold_p50_ms"] / by[min(sizes)]["cold_p50_ms"], 2)
+    out = {"benchmark": "source_latency", "config": {k: (str(v) if isinstance(v, Path) else v)
+                                                     for k, v in vars(args).items()},
+           "shapes": {m: list(s) for m, s in SHAPES.items()}, "bundle_seconds": made, "machine": machine(),
+           "results": results, "ratios": ratios}
+    print(json.dumps(out, indent=None if args.json else 2))
 
 
 if __name__ == "__main__":

@@ -105,12 +105,12 @@ class Stamps:
         """The sha256 this process verified ``path`` to hold (whatever it holds now), or None."""
         with self._lock:
             known = self._known.get(str(path))
-        return None if known is None else known[1]
+        return None if known is None or not known[1] else known[1]
 
     def _proven(self, path: Path) -> str | None:
         with self._lock:
             known = self._known.get(str(path))
-        if known is None or known[0] is None:
+        if known is None or known[0] is None or not known[1]:
             return None
         try:
             st = os.lstat(path)
@@ -135,19 +135,40 @@ class Stamps:
                              "writing into the cache")
         return h.hexdigest(), n, after
 
-    def remember(self, path: Path, sha256: str, st: os.stat_result | None = None) -> None:
-        """Record that ``path`` holds ``sha256`` (its lstat ``st``, taken now when None); the identity
-        is kept only if the file has not changed within the last ``_RACY_SECONDS``."""
+    def remember(self, path: Path, sha256: str | None, st: os.stat_result | None = None, *,
+                 ours: bool = False) -> None:
+        """Record that ``path`` holds ``sha256`` (None: not hashed) as of its lstat ``st`` (taken now
+        when None). The identity is kept if the file has not changed within the last
+        ``_RACY_SECONDS``, or if ``ours``: this process wrote it (mode 0644, in its 0700 staging
+        dir) and moved it in, so no other user could have rewritten it in place since."""
         try:
             st = st if st is not None else os.lstat(path)
         except OSError:
             return
-        ident = self.identity(st) if stat.S_ISREG(st.st_mode) and time.time() - st.st_ctime > _RACY_SECONDS \
-            else None
+        keep = stat.S_ISREG(st.st_mode) and (ours or time.time() - st.st_ctime > _RACY_SECONDS)
+        if sha256 is None and not keep:
+            self.forget(path)
+            return
         with self._lock:
             if len(self._known) >= 1 << 16:
                 self._known.clear()
-            self._known[str(path)] = (ident, sha256)
+            self._known[str(path)] = (self.identity(st) if keep else None, sha256 or "")
+
+    def proven(self, path: Path) -> bool:
+        """Whether ``path`` is provably what this process stamped: its identity unchanged, else
+        (a digest known) its bytes hashed again and equal."""
+        with self._lock:
+            known = self._known.get(str(path))
+        if known is None:
+            return False
+        ident, sha256 = known
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        if ident is not None and stat.S_ISREG(st.st_mode) and self.identity(st) == ident:
+            return True
+        return bool(sha256) and self.check(path, sha256)
 
     def forget(self, path: Path) -> None:
         with self._lock:
@@ -379,7 +400,7 @@ class Cache:
             os.fsync(f.fileno())
         os.replace(verified_file, dest)  # replaces a planted symlink itself, never its target
         fsync_dir(dest.parent)
-        self.stamps.remember(dest, sha256)
+        self.stamps.remember(dest, sha256, ours=True)  # verified in this process's staging dir, moved in
         return dest
 
     def set_latest(self, owner: str, name: str, version: int) -> None:

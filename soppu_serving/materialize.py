@@ -25,16 +25,20 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from soppu_client.fetch import VerifiedVersion, fetch_verified
 from soppu_client.format import signing
-from soppu_client.format.bundle import Bundle, export_peft
+import torch
+
+from soppu_client.format.bundle import Bundle, Manifest, export_peft
 from soppu_client.format.compressed_form import BASIS_FILE, write_compressed_files
 from soppu_client.format.errors import BundleError, InputError, RegistryError, SoppuError, VerificationError
 from soppu_client.format.fsutil import file_digest, fsync_dir, fsync_tree, link_or_copy
@@ -43,7 +47,7 @@ from soppu_client.registry_client import RegistryClient
 
 from soppu_serving.cache import MARKER, Cache, CacheError
 
-__all__ = ["FetchStats", "build", "check_cached", "check_handed"]
+__all__ = ["FetchStats", "Memo", "build", "check_cached", "check_handed", "one_torch_thread"]
 
 log = logging.getLogger("soppu_serving")
 Explain = Callable[[RegistryError, str], SoppuError]
@@ -99,66 +103,172 @@ def check_cached(cache: Cache, final: Path, verified: VerifiedVersion) -> None:
 
 def check_handed(cache: Cache, final: Path) -> bool:
     """Whether every file of the complete dir ``final`` is what this process built or proved it
-    to be, and nothing else is there: one ``lstat`` per stamped file, a hash for a file written
-    within the racy window. False (rebuild) when this process holds no digest for one of them."""
+    to be, and nothing else is there: one ``lstat`` per file (:meth:`Stamps.proven`; a hash only
+    where the identity changed and a digest is known). False (rebuild) otherwise."""
     try:
         names = set(os.listdir(final))
     except OSError:
         return False
     if names != set(cache.file_names):
         return False
-    for name in cache.file_names:
-        expected = cache.stamps.expected(final / name)
-        if expected is None or not cache.stamps.check(final / name, expected):
-            return False
-    return True
+    return all(cache.stamps.proven(final / name) for name in cache.file_names)
+
+
+class Memo:
+    """What one session keeps in memory across builds, keyed by verified content digests (never by
+    anything the disk or the registry could change under the same key):
+
+    * the served compressed basis of each (bundle basis sha256, cluster): ``{"sha256", "size"}``,
+      so later adapters of that cluster neither read nor write the basis again (it is in the blob
+      store, proven by the cache's stamps);
+    * the loaded, validated basis tensors of the last few bundle bases (PEFT export);
+    * the typed manifest of each manifest.json digest (the bytes are still fetched, hashed and
+      checked against the signed statement on every build).
+    """
+
+    def __init__(self, max_bases: int = 2):
+        self.derived: dict[tuple[str, int], dict[str, Any]] = {}
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self._bases: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._max = max_bases
+        self.lock = threading.Lock()
+
+    def basis(self, sha256: str) -> dict[str, Any] | None:
+        with self.lock:
+            hit = self._bases.get(sha256)
+            if hit is not None:
+                self._bases.move_to_end(sha256)
+            return hit
+
+    def manifest(self, sha256: str) -> Manifest | None:
+        with self.lock:
+            return self._manifests.get(sha256)
+
+    def keep_manifest(self, sha256: str, manifest: Manifest) -> None:
+        with self.lock:
+            self._manifests[sha256] = manifest
+            while len(self._manifests) > 64:
+                self._manifests.popitem(last=False)
+
+    def keep_basis(self, sha256: str, tensors: dict[str, Any] | None) -> None:
+        if tensors is None:
+            return
+        with self.lock:
+            self._bases[sha256] = tensors
+            self._bases.move_to_end(sha256)
+            while len(self._bases) > self._max:
+                self._bases.popitem(last=False)
+
+
+_threads_lock = threading.Lock()
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the export's tensor work on one torch thread: its products are tiny ([d, k] x [k, k])
+    and latency-bound, and OpenMP threads beside a busy engine make each one 10-100x slower
+    (4096x16 @ 16x16: 0.1 ms on one thread, 1-12 ms on two on a loaded 2-core host). The setting is
+    process-wide, so it is restored right after (engines compute in another process or on the GPU)."""
+    with _threads_lock:
+        before = torch.get_num_threads()
+        if before > 1:
+            torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            if before > 1:
+                torch.set_num_threads(before)
 
 
 def build(verified: VerifiedVersion, client: RegistryClient, explain: Explain, cache: Cache, final: Path,
-          stats: FetchStats) -> None:
+          stats: FetchStats, memo: Memo | None = None) -> None:
     """Fetch, validate and export one version into staging, store its blobs, install the dir."""
+    memo = memo or Memo()
     record, label = verified.record, verified.label
     name = record.ref.name
     core = core_path(name)
     entries = verified.entries([MANIFEST, BASIS, core])
+    basis_sha = entries[1]["sha256"]
     with cache.staging(f"{record.ref.owner}--{name}--v{record.version}") as stage, ExitStack() as locks:
         # One lock per blob (sorted: no deadlock), held until the blobs are stored: processes
         # fetching adapters that share a basis download it once.
         for digest in sorted({e["sha256"] for e in entries}):
             locks.enter_context(cache.blob_lock(digest))
-        fetched = fetch_verified(client, verified, [BASIS, core], stage / "bundle", reuse=cache.cached_blob,
-                                 adapter=name, explain=explain)
-        stats.blobs_downloaded, stats.blobs_reused = fetched.downloaded, fetched.reused
-        stats.bytes_downloaded = fetched.bytes_downloaded
         out = stage / cache.form
         try:
-            bundle = Bundle.open(fetched.dir, verify_digests=False)  # digests checked by fetch_verified
-            if cache.form == "compressed":
-                out.mkdir()
-                derived_basis = write_compressed_files(bundle, name, out)["basis"]
-            else:
-                export_peft(bundle, name, out)
+            with one_torch_thread():
+                fetched, derived, known = _export(verified, client, explain, cache, stage, out, memo, basis_sha)
         except (BundleError, InputError, VerificationError) as e:
+            if isinstance(e, CacheError) or str(e).startswith(label):
+                raise
             raise VerificationError(f"{label}: bundle failed validation: {e}") from None
+        stats.blobs_downloaded, stats.blobs_reused = fetched.downloaded, fetched.reused
+        stats.bytes_downloaded = fetched.bytes_downloaded
         (out / MARKER).write_text(json.dumps(provenance(client.base_url, verified, entries), indent=2, sort_keys=True)
                                   + "\n", encoding="utf-8")
         # Everything verified and exported: only now does anything enter the cache.
         for digest, path in fetched.fresh.items():
             cache.store_blob(path, digest)
-        if cache.form == "compressed":
-            _share_basis(cache, out / BASIS_FILE, derived_basis["sha256"], derived_basis["size"])
+        if derived is not None:
+            _share_basis(cache, out / BASIS_FILE, derived["sha256"], derived["size"])
         fsync_tree(out)
-        install(cache, out, final, stage / "old", label, stats)
+        install(cache, out, final, stage / "old", label, stats, known)
 
 
-def install(cache: Cache, out: Path, final: Path, trash: Path, label: str, stats: FetchStats) -> None:
-    """Rename the built dir ``out`` to ``final`` (the caller holds the version lock) and record the
-    digest of every file handed over. When ``final`` is already there (built by another process,
-    or touched since), its files are compared with ``out``'s (soppu_source.json: its signed file
-    list) and the dir is replaced if any differs."""
-    digests = {n: file_digest(out / n)[0] for n in cache.file_names}
+def _export(verified: VerifiedVersion, client: RegistryClient, explain: Explain, cache: Cache, stage: Path,
+            out: Path, memo: Memo, basis_sha: str) -> tuple[Any, dict[str, Any] | None, dict[str, str]]:
+    """Fetch what the form needs and write it into ``out``; (what fetch_verified did, the served
+    basis entry to share for a compressed dir written with its basis, else None; digests of the
+    files of ``out`` already known)."""
+    name = verified.record.ref.name
+    core = core_path(name)
+    manifest_sha = verified.entries([MANIFEST])[0]["sha256"]
+    manifest = memo.manifest(manifest_sha)
+    known_basis, derived = None, None
+    if cache.form == "peft":
+        known_basis = memo.basis(basis_sha)
+    elif manifest is not None and name in manifest.adapters:
+        with memo.lock:
+            derived = memo.derived.get((basis_sha, manifest.adapters[name].cluster))
+        if derived is not None and cache.cached_blob(derived["sha256"], derived["size"]) is None:
+            derived = None
+    files = [core] if known_basis is not None or derived is not None else [BASIS, core]
+    fetched = fetch_verified(client, verified, files, stage / "bundle", reuse=cache.cached_blob, adapter=name,
+                             explain=explain)
+    if manifest is None:
+        manifest = Manifest.from_json(fetched.manifest, f"{verified.label} manifest.json")
+        memo.keep_manifest(manifest_sha, manifest)
+    if BASIS not in files:
+        fetched.reused.append(BASIS)  # held by this session: the basis of that digest, verified before
+    bundle = Bundle(path=fetched.dir, manifest=manifest)
+    if cache.form == "peft":
+        if known_basis is not None:
+            bundle._basis = known_basis  # validated when first loaded from the verified blob of that digest
+        export_peft(bundle, name, out)
+        memo.keep_basis(basis_sha, bundle._basis)
+        return fetched, None, {}
+    out.mkdir()
+    if derived is not None:
+        write_compressed_files(bundle, name, out, basis=derived)
+        link_or_copy(cache.blob_path(derived["sha256"]), out / BASIS_FILE)
+        return fetched, None, {BASIS_FILE: derived["sha256"]}
+    written = write_compressed_files(bundle, name, out)["basis"]
+    entry = {"sha256": written["sha256"], "size": written["size"]}
+    with memo.lock:
+        memo.derived[(basis_sha, bundle.cluster_of(name))] = entry
+    return fetched, entry, {BASIS_FILE: entry["sha256"]}
+
+
+def install(cache: Cache, out: Path, final: Path, trash: Path, label: str, stats: FetchStats,
+            known: dict[str, str] | None = None) -> None:
+    """Rename the built dir ``out`` to ``final`` (the caller holds the version lock) and stamp every
+    file handed over (``known``: digests already known, e.g. a shared basis). When ``final`` is
+    already there (built by another process, or touched since), its files are compared with
+    ``out``'s (soppu_source.json: its signed file list) and the dir is replaced if any differs."""
+    known = known or {}
     cache.real_dir(final.parent)
     if cache.is_complete(final):
+        digests = {n: known.get(n) or file_digest(out / n)[0] for n in cache.file_names}
         same = set(os.listdir(final)) == set(cache.file_names)
         for n in cache.file_names:
             if not same:
@@ -171,11 +281,7 @@ def install(cache: Cache, out: Path, final: Path, trash: Path, label: str, stats
             else:
                 same = cache.stamps.check(final / n, digests[n])
         if same:
-            for n in cache.file_names:
-                if n == MARKER:
-                    cache.stamps.remember(final / n, cache.stamps.hash(final / n)[0])
-                else:
-                    cache.stamps.remember(final / n, digests[n])
+            cache.stamps.remember(final / MARKER, cache.stamps.hash(final / MARKER)[0])
             return
         log.warning("soppu cache: %s: the cached dir %s differs from what was verified (tampered on disk?); "
                     "replacing it", label, final)
@@ -185,8 +291,8 @@ def install(cache: Cache, out: Path, final: Path, trash: Path, label: str, stats
         os.replace(final, trash) if os.path.isdir(final) and not os.path.islink(final) else os.unlink(final)
     os.replace(out, final)  # the dir appears complete, or not at all
     fsync_dir(final.parent)
-    for n in cache.file_names:
-        cache.stamps.remember(final / n, digests[n])
+    for n in cache.file_names:  # written here, moved in: an unchanged identity proves them
+        cache.stamps.remember(final / n, known.get(n), ours=True)
     stats.materialized = True
 
 

@@ -54,7 +54,7 @@ from soppu_client.format.refs import AdapterRef
 from soppu_client.registry_client import RegistryClient
 
 from soppu_serving.cache import Cache, Stamps, trust_id
-from soppu_serving.materialize import FetchStats, build, check_cached, check_handed
+from soppu_serving.materialize import FetchStats, Memo, build, check_cached, check_handed
 from soppu_serving.settings import Settings, warn_if_unpinned
 from soppu_serving.trust import KeyTrust
 from soppu_serving.wording import GENERIC, Wording
@@ -150,6 +150,7 @@ class Session:
         self.wording = wording
         self.form = form or settings.serve_format
         self.stamps = Stamps()
+        self.memo = Memo()
         self._lock = threading.Lock()
         self._caches: dict[str, Cache] = {}
         self.cache = self.cache_for(self.form)  # also checks the cache root is usable
@@ -275,7 +276,7 @@ class Session:
                 try:
                     with cache.version_lock(ref.owner, ref.name, record.version, timeout=lock_timeout):
                         if not (cache.is_complete(final) and check_handed(cache, final)):
-                            build(verified, client, self._explain(ref, client), cache, final, stats)
+                            build(verified, client, self._explain(ref, client), cache, final, stats, self.memo)
                 except Timeout:
                     raise RegistryError(f"{verified.label}: timed out after {lock_timeout:.0f}s waiting for another "
                                         "process to materialize it", code="lock_timeout") from None
@@ -311,7 +312,7 @@ class Session:
                 client = self.client(token)
                 with cache.version_lock(ref.owner, ref.name, record.version):
                     if not (cache.is_complete(final) and check_handed(cache, final)):
-                        build(verified, client, self._explain(ref, client), cache, final, stats)
+                        build(verified, client, self._explain(ref, client), cache, final, stats, self.memo)
             self._accept(verified)
         finally:
             _counter.reset(reset)

@@ -61,27 +61,34 @@ def _file_entry(path: Path) -> dict:
     return {"file": path.name, "sha256": digest, "size": size}
 
 
-def write_compressed_files(bundle: Bundle, name: str, dest: Path) -> dict:
+def write_compressed_files(bundle: Bundle, name: str, dest: Path, *, basis: dict | None = None) -> dict:
     """Write adapter ``name``'s three files into the existing empty dir ``dest``; returns its config.
 
-    No fsync, no rename: the caller publishes ``dest`` (see :func:`export_compressed`).
+    No fsync, no rename: the caller publishes ``dest`` (see :func:`export_compressed`). ``basis``:
+    the ``{"sha256", "size"}`` of this cluster's basis.safetensors as written for another adapter
+    of the same bundle (byte-identical across a cluster): then no basis file is written (nor the
+    bundle's basis read) and the caller places that file at ``dest / basis.safetensors``.
     """
     entry = bundle.adapter_entry(name)
     c = bundle.cluster_of(name)
     cores = bundle.load_cores(name)
     basis_out, cores_out, modules, ranks = {}, {}, {}, {}
     for module, shape in bundle.manifest.modules.items():
-        U, V = bundle.bases(module, c)
         S = cores[f"{module}.S"]
         if bundle.manifest.quant:  # one dtype per file: every tensor float32 (quantized ones are already)
-            U, V, S = U.float(), V.float(), S.float()
-        basis_out[f"{module}.U"] = U.contiguous()
-        basis_out[f"{module}.V"] = V.contiguous()
+            S = S.float()
+        if basis is None:
+            U, V = bundle.bases(module, c)
+            if bundle.manifest.quant:
+                U, V = U.float(), V.float()
+            basis_out[f"{module}.U"] = U.contiguous()
+            basis_out[f"{module}.V"] = V.contiguous()
         cores_out[f"{module}.S"] = S.contiguous()
         modules[module] = list(shape)
         ranks[module] = bundle.manifest.module_rank(module)
     # Metadata identical for every adapter: the basis file is the same bytes across a cluster.
-    save_file(basis_out, str(dest / BASIS_FILE), metadata={"format": "pt"})
+    if basis is None:
+        save_file(basis_out, str(dest / BASIS_FILE), metadata={"format": "pt"})
     save_file(cores_out, str(dest / CORES_FILE), metadata={"format": "pt"})
     peft = bundle.manifest.peft
     config = {
@@ -96,8 +103,9 @@ def write_compressed_files(bundle: Bundle, name: str, dest: Path) -> dict:
         "dtype": "float32" if bundle.manifest.quant else bundle.manifest.dtype,
         "modules": modules,
         "source_rank": entry.source_rank,
-        "basis": {**_file_entry(dest / BASIS_FILE), "cluster": c,
-                  "bundle_basis_sha256": bundle.manifest.files[BASIS].sha256},
+        "basis": {**(_file_entry(dest / BASIS_FILE) if basis is None else
+                     {"file": BASIS_FILE, "sha256": basis["sha256"], "size": int(basis["size"])}),
+                  "cluster": c, "bundle_basis_sha256": bundle.manifest.files[BASIS].sha256},
         "cores": _file_entry(dest / CORES_FILE),
     }
     (dest / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True), encoding="utf-8")
