@@ -255,7 +255,7 @@ def test_unknown_backend_lists_available() -> None:
         sk.shared_basis_lora(inp["y"], inp["x"], inp["U"], inp["V"], inp["S"],
                              inp["adapter_index"], inp["cluster_of_adapter"], diag=False, backend="cutlass")
     assert str(e.value) == (
-        "`backend` 'cutlass' not found. Available backends: ['auto', 'reference', 'triton', 'cuda']"
+        "`backend` 'cutlass' not found. Available backends: ['auto', 'reference', 'torch', 'triton', 'cuda']"
     )
 
 
