@@ -624,6 +624,27 @@ class Storage:
                 "signature": json.loads(r["doc"]), "files": json.loads(r["files"]),
                 "published_at": r["published_at"]}
 
+    def get_version_ref(self, owner: str, name: str, version: int | None = None) -> dict[str, Any] | None:
+        """A version as :meth:`get_version` without its files list and signature document, which it
+        names by digest (``sig_digest``): one row, no JSON of the bundle's size."""
+        sql = ("SELECT owner, name, version, base_model, published_at, sig_digest FROM versions "
+               "WHERE owner=? AND name=? ")
+        if version is None:
+            rows = self.read(sql + "ORDER BY version DESC LIMIT 1", (owner, name))
+        else:
+            rows = self.read(sql + "AND version=?", (owner, name, version))
+        return dict(rows[0]) if rows else None
+
+    def signature_doc(self, hex_digest: str) -> tuple[list[str], str] | None:
+        """(the owners whose published versions reference signature document ``hex_digest``, its
+        stored text, whose sha256 is that digest), or None."""
+        owners = [r["owner"] for r in self.read("SELECT DISTINCT owner FROM versions WHERE sig_digest = ?",
+                                                (hex_digest,))]
+        if not owners:
+            return None
+        rows = self.read("SELECT doc FROM signatures WHERE sig_digest = ?", (hex_digest,))
+        return (owners, rows[0]["doc"]) if rows else None
+
     def list_versions(self, owner: str, name: str) -> list[int]:
         return [r["version"] for r in self.read("SELECT version FROM versions WHERE owner=? AND name=? ORDER BY version", (owner, name))]
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from soppu_client.format.refs import AdapterRef
 from soppu_registry import checks
 from soppu_registry.auth import Principal
 from soppu_registry.bodies import INT64_MAX, body_chunks, loads_bounded, refuse_declared_over
-from soppu_registry.deps import AdapterPath, Caller, OwnerPath, RegistryState, State
+from soppu_registry.deps import AdapterPath, BlobHex, Caller, OwnerPath, RegistryState, State
 from soppu_registry.errors import ApiError
 
 router = APIRouter(tags=["adapters"])
@@ -136,18 +136,49 @@ def _version_or_404(state: RegistryState, ref: AdapterRef, version: int | None) 
     return version_view(v)
 
 
+# ?signature=ref: the answer names the signature document by digest instead of carrying it (and the
+# files list, which the signed statement holds too), so a serving host fetches a bundle's document once
+# (GET /v1/signatures/sha256:<hex>) however many of its adapters it resolves.
+SignatureMode = Annotated[str | None, Query(alias="signature", pattern="^ref$", description=(
+    "`ref`: answer `signature_sha256` (the signature document's digest, see GET /v1/signatures/{digest}) "
+    "instead of `signature` and `files`"))]
+REF_FIELDS = ("owner", "name", "version", "base_model", "published_at")
+
+
+def _version_answer(state: RegistryState, ref: AdapterRef, version: int | None, mode: str | None) -> dict[str, Any]:
+    if mode != "ref":
+        return _version_or_404(state, ref, version)
+    v = state.store.get_version_ref(ref.owner, ref.name, version)
+    if v is None:
+        which = "any version" if version is None else f"version {version}"
+        raise ApiError(404, "not_found", f"{ref.owner}/{ref.name} has no published {which}")
+    return {**{k: v[k] for k in REF_FIELDS}, "signature_sha256": v["sig_digest"]}
+
+
 @router.get("/v1/adapters/{owner}/{name}")
-def get_latest(ref: AdapterPath, caller: Caller, state: State) -> dict[str, Any]:
+def get_latest(ref: AdapterPath, caller: Caller, state: State, signature: SignatureMode = None) -> dict[str, Any]:
     """The latest published version (owner read/write or serving-read)."""
     _check_readable(caller, ref.owner)
-    return _version_or_404(state, ref, None)
+    return _version_answer(state, ref, None, signature)
 
 
 @router.get("/v1/adapters/{owner}/{name}/versions/{version}")
-def get_version(ref: AdapterPath, version: VersionPath, caller: Caller, state: State) -> dict[str, Any]:
+def get_version(ref: AdapterPath, version: VersionPath, caller: Caller, state: State,
+                signature: SignatureMode = None) -> dict[str, Any]:
     """One published version (owner read/write or serving-read)."""
     _check_readable(caller, ref.owner)
-    return _version_or_404(state, ref, version)
+    return _version_answer(state, ref, version, signature)
+
+
+@router.get("/v1/signatures/{digest}", response_class=Response,
+            responses={200: {"content": {"application/json": {}}}})
+def get_signature(hexd: BlobHex, caller: Caller, state: State) -> Response:
+    """A published signature document by the sha256 of its stored bytes (the body is those bytes), for
+    a caller that may read a version referencing it; anyone else gets the 404 of an absent one."""
+    found = state.store.signature_doc(hexd)
+    if found is None or not any(caller.can_read(owner) for owner in found[0]):
+        raise ApiError(404, "not_found", f"no published signature document sha256:{hexd}")
+    return Response(content=found[1].encode("utf-8"), media_type="application/json")
 
 
 @router.get("/v1/adapters/{owner}/{name}/versions")
