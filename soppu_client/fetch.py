@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from soppu_client.format import signing
 from soppu_client.format.bundle import Bundle
 from soppu_client.format.fsutil import link_or_copy, staged_dir
-from soppu_client.format.names import BASIS, MANIFEST
+from soppu_client.format.names import BASIS, HEX64_RE, MANIFEST
 from soppu_client.format.errors import (BundleError, InputError, RegistryError, SignatureError, SoppuError,
                                        VerificationError)
 from soppu_client.format.refs import AdapterRef
@@ -49,7 +50,7 @@ from soppu_client.known_keys import KnownKeys, choose_key
 from soppu_client.registry_client import BlobDigestError, RegistryClient
 
 __all__ = ["Fetched", "VerifiedVersion", "VersionRecord", "fetch_published_basis", "fetch_verified", "owner_key",
-           "pinned_keys", "resolve_version", "verify_version"]
+           "pinned_keys", "resolve_version", "reuse_verdict", "verify_version"]
 
 # (the refusal, the step: "resolving the version", "fetching the owner's keys", "downloading <path>")
 # -> the error to raise instead
@@ -67,6 +68,7 @@ class VersionRecord:
     signature: dict[str, Any]  # the signature document (statement, signature, key_id, ...)
     record: dict[str, Any]
     subject: str = "adapter"  # what errors call it: "soppu adapter", "published adapter"
+    signature_sha256: str | None = None  # the document's digest, when the registry named it by digest
 
     @property
     def label(self) -> str:
@@ -118,12 +120,28 @@ def _refusal(err: RegistryError, what: str, who: str, explain: Explain | None) -
 
 
 def resolve_version(client: RegistryClient, ref: AdapterRef | str, *, subject: str = "adapter",
-                    explain: Explain | None = None) -> VersionRecord:
-    """Step 1: the version record of ``ref`` (latest when unpinned), checked to be the one asked for."""
+                    explain: Explain | None = None,
+                    signatures: MutableMapping[str, dict[str, Any]] | None = None) -> VersionRecord:
+    """Step 1: the version record of ``ref`` (latest when unpinned), checked to be the one asked for.
+
+    ``signatures`` (digest -> signature document, kept by the caller): the record is asked for
+    with the signature document by digest, which is taken from ``signatures`` or fetched once
+    (its bytes checked against the digest) -- so resolving many adapters of one bundle moves its
+    signed statement once. Unverified either way: step 2 verifies the document."""
     if isinstance(ref, str):
         ref = AdapterRef.parse(ref, label=subject)
+    sig_sha256 = None
     try:
-        record = client.get_version(ref.owner, ref.name, ref.version)
+        record = client.get_version(ref.owner, ref.name, ref.version, signature_ref=signatures is not None)
+        by_ref = record.get("signature_sha256")
+        if signatures is not None and "signature" not in record and isinstance(by_ref, str) \
+                and HEX64_RE.match(by_ref):
+            sig_sha256 = by_ref
+            doc = signatures.get(by_ref)
+            if doc is None:
+                doc = client.get_signature(by_ref)
+                signatures[by_ref] = doc
+            record = {**record, "signature": doc}
     except RegistryError as e:
         raise _refusal(e, "resolving the version", f"{subject} {ref}", explain) from None
     problem = None
@@ -141,7 +159,7 @@ def resolve_version(client: RegistryClient, ref: AdapterRef | str, *, subject: s
     if problem is not None:
         raise RegistryError(f"{subject} {ref}: the registry at {client.base_url} answered a malformed version record: "
                             f"{problem}", code="bad_record")
-    return VersionRecord(ref, version, sig, record, subject)
+    return VersionRecord(ref, version, sig, record, subject, sig_sha256)
 
 
 def _show(value: Any) -> str:
@@ -223,6 +241,35 @@ def verify_version(client: RegistryClient, record: VersionRecord, *, public_key:
                                              version=record.version)
     except SignatureError as e:
         raise SignatureError(f"{record.label}: bad signature: {e}", code=e.code) from None
+    return VerifiedVersion(record, statement)
+
+
+def reuse_verdict(record: VersionRecord, statement: dict[str, Any], adapters: frozenset[str] | None = None,
+                  *, now: datetime | None = None) -> VerifiedVersion:
+    """Step 2 for a signature document this process already verified, byte for byte (same digest)
+    with the same trusted key: ``statement`` is what that verification returned. The claims that
+    depend on the request and the clock are checked again, with the messages of
+    ``signing.verify_statement``: expiry against ``now``, owner, adapter name (``adapters``: the
+    statement's names as a set, O(1)) and version. The Ed25519 check is not repeated: the bytes
+    it covered are the same."""
+    ref = record.ref
+    now = now or datetime.now(timezone.utc)
+    problem, code = None, None
+    expires = datetime.strptime(statement["expires_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    if now >= expires:
+        problem, code = (f"statement expired at {statement['expires_at']} (now {signing.format_timestamp(now)}); "
+                         "re-sign the bundle with a later --expires"), "expired"
+    elif statement["owner"] != ref.owner:
+        problem, code = (f"owner mismatch: the statement is signed for owner {statement['owner']!r}, not "
+                         f"{ref.owner!r}"), "owner_mismatch"
+    elif ref.name not in (adapters if adapters is not None else statement["adapters"]):
+        problem, code = (f"adapter name mismatch: the statement covers adapters {statement['adapters']}, not "
+                         f"{ref.name!r}"), "name_mismatch"
+    elif statement["version"] != record.version:
+        problem, code = (f"version mismatch: the statement is signed for version {statement['version']}, not "
+                         f"{record.version}"), "version_mismatch"
+    if problem is not None:
+        raise SignatureError(f"{record.label}: bad signature: {problem}", code=code)
     return VerifiedVersion(record, statement)
 
 

@@ -374,10 +374,38 @@ class RegistryClient:
         return self.read_json("PUT", f"/v1/bundles/{quote(owner)}/versions/{version}",
                               ok=(200, 201), json_body={"signature": signature_doc}, fields={"adapters": dict})
 
-    def get_version(self, owner: str, name: str, version: int | None = None) -> dict[str, Any]:
-        """The version record (a JSON object; its fields are checked by ``fetch.resolve_version``)."""
+    def get_version(self, owner: str, name: str, version: int | None = None, *,
+                    signature_ref: bool = False) -> dict[str, Any]:
+        """The version record (a JSON object; its fields are checked by ``fetch.resolve_version``).
+        ``signature_ref``: ask for the signature document by digest (``signature_sha256``, see
+        :meth:`get_signature`); a registry that predates it answers the whole record."""
         path = f"/v1/adapters/{quote(owner)}/{quote(name)}" + (f"/versions/{version}" if version is not None else "")
-        return self.read_json("GET", path)[1]
+        return self.read_json("GET", path + ("?signature=ref" if signature_ref else ""))[1]
+
+    def get_signature(self, sha256: str) -> dict[str, Any]:
+        """The published signature document whose stored bytes have ``sha256`` (read with the JSON
+        caps); RegistryError ``digest_mismatch`` unless the bytes hash to it, ``bad_response`` unless
+        they are a JSON object."""
+        path = f"/v1/signatures/sha256:{quote(sha256)}"
+        url = self.base_url + path
+        resp = self.request("GET", path, stream=True, headers=_IDENTITY)
+        try:
+            body = self._read_capped(resp, self.max_json_bytes, url, what="signature document")
+        finally:
+            resp.close()
+        got = hashlib.sha256(body).hexdigest()
+        if not hmac.compare_digest(got, sha256):
+            raise RegistryError(f"GET {url}: the registry served a signature document with sha256 {got}; refused",
+                                code="digest_mismatch", url=url)
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError) as e:
+            raise RegistryError(f"GET {url}: the signature document is not JSON ({e})", code="bad_response",
+                                url=url) from None
+        if not isinstance(doc, dict):
+            raise RegistryError(f"GET {url}: the signature document is not a JSON object", code="bad_response",
+                                url=url)
+        return doc
 
     def list_versions(self, owner: str, name: str) -> list[int]:
         path = f"/v1/adapters/{quote(owner)}/{quote(name)}/versions"

@@ -63,7 +63,8 @@ class FetchStats:
     bytes_downloaded: int = 0
     blobs_reused: list[str] = field(default_factory=list)  # paths served from the blob store
     registry_requests: int = 0  # HTTP requests this call sent to the registry (retries included)
-    verifications: int = 0  # Ed25519 signature checks this call ran
+    verifications: int = 0  # signed statements this call verified (one per request)
+    signature_checks: int = 0  # of which by an Ed25519 check (else: this process's verdict on the same bytes)
     replaced_tampered: bool = False  # a cached dir differed from what was verified and was replaced
 
 

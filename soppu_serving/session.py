@@ -46,7 +46,7 @@ import requests
 from filelock import Timeout
 from requests.adapters import HTTPAdapter
 
-from soppu_client.fetch import VerifiedVersion, VersionRecord, resolve_version, verify_version
+from soppu_client.fetch import VerifiedVersion, VersionRecord, resolve_version, reuse_verdict, verify_version
 from soppu_client.format import signing
 from soppu_client.format.errors import RegistryError, SignatureError, SoppuError, VerificationError
 from soppu_client.format.names import BASIS, MANIFEST, core_path
@@ -101,6 +101,29 @@ class Served:
                                  code="expired")
 
 
+class _LRU(OrderedDict):
+    """A bounded, thread-safe dict (least recently used entries dropped first)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self._size = size
+        self._guard = threading.Lock()
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        with self._guard:
+            if key not in self:
+                return default
+            self.move_to_end(key)
+            return super().__getitem__(key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        with getattr(self, "_guard", threading.Lock()):
+            super().__setitem__(key, value)
+            self.move_to_end(key)
+            while len(self) > self._size:
+                self.popitem(last=False)
+
+
 class _TTL:
     """A small table whose entries live ``ttl`` seconds (bounded; thread-safe)."""
 
@@ -125,6 +148,12 @@ class _TTL:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+
+
+def _raw(pub: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def _token_key(token: str | None) -> str:
@@ -158,6 +187,8 @@ class Session:
         self.keys = KeyTrust(self.cache, self.trust, pinned=settings.trusted_keys, subject=wording.subject)
         self._records = _TTL(settings.resolve_ttl)
         self._registry_keys = _TTL(settings.resolve_ttl)
+        self._signatures = _LRU(64)  # signature document digest -> document (content-addressed)
+        self._verdicts = _LRU(256)  # (document digest, key id, key bytes) -> (statement, its adapter names)
         self._clients: OrderedDict[str, RegistryClient] = OrderedDict()
         warn_if_unpinned(settings)  # once per process and registry
 
@@ -218,7 +249,8 @@ class Session:
         if hit is not None:
             return hit
         client = self.client(token)
-        record = resolve_version(client, ref, subject=self.wording.subject, explain=self._explain(ref, client))
+        record = resolve_version(client, ref, subject=self.wording.subject, explain=self._explain(ref, client),
+                                 signatures=self._signatures)
         self._records.put(key, record)
         if ref.version is None:  # the same record answers the pinned lookup of that version
             pinned = AdapterRef(ref.owner, ref.name, record.version)
@@ -233,7 +265,18 @@ class Session:
         stats = _counter.get()
         if stats is not None:
             stats.verifications += 1
-        verified = verify_version(client, record, public_key=pub, explain=explain)
+        verdict = None
+        if record.signature_sha256 is not None:  # the same signed bytes, the same key: one Ed25519 check per process
+            verdict = (record.signature_sha256, str(record.signature.get("key_id")), _raw(pub))
+        known = self._verdicts.get(verdict) if verdict is not None else None
+        if known is not None:
+            verified = reuse_verdict(record, known[0], known[1])
+        else:
+            if stats is not None:
+                stats.signature_checks += 1
+            verified = verify_version(client, record, public_key=pub, explain=explain)
+            if verdict is not None:
+                self._verdicts[verdict] = (verified.statement, frozenset(verified.statement["adapters"]))
         owner, name, version = ref.owner, ref.name, record.version
         seen = self.cache.highest_seen(self.trust, owner, name)
         if ref.version is None and seen is not None and version < seen:

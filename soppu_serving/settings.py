@@ -7,8 +7,9 @@
     SOPPU_TRUSTED_KEYS      dir of pinned owner keys (recommended): ``<owner>.pub`` and/or
                             ``<owner>/*.pub`` (several keys per owner, so a rotation can keep the
                             old and the new key); a signature must be by one of them. Unset: trust
-                            the key the registry lists for the owner (active or rotated; its id
-                            recomputed from the key bytes), and warn once per process at start-up
+                            on first use: the first key the registry lists for an owner (its id
+                            recomputed from the key bytes), later ones only through the registry's
+                            rotation proofs (soppu_serving.trust); warn once per process at start-up
     SOPPU_SERVE_FORMAT      ``peft`` (default: a standard LoRA dir, stock LoRAX kernels) or
                             ``compressed`` (basis + cores, for a LoRAX with patches 0005-0008)
     SOPPU_REGISTRY_RETRIES  extra attempts per registry request (default 2)
@@ -172,8 +173,9 @@ def warn_if_unpinned(settings: Settings) -> bool:
             return False
         _warned.add(url)
     log.warning("soppu source: SOPPU_TRUSTED_KEYS is not set, so adapters from the registry at %s are verified "
-                "with the keys that registry supplies; a compromised registry could substitute its own key for an "
-                "owner's. Pin the owners' public keys: SOPPU_TRUSTED_KEYS=<dir> holding <owner>.pub or "
+                "with the keys that registry supplies, trusted on first use (a later key only through a rotation "
+                "proof); a compromised registry could substitute its own key for an owner this host has not seen "
+                "yet. Pin the owners' public keys: SOPPU_TRUSTED_KEYS=<dir> holding <owner>.pub or "
                 "<owner>/*.pub (the recommended mode)", url)
     return True
 

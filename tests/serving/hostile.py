@@ -35,8 +35,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self, method: str) -> None:
         hostile = self.server.hostile
-        hostile.seen.append((method, self.path))
-        rule = hostile.rules.get(self.path)
+        bare = self.bare = self.path.split("?", 1)[0]  # rules, `seen`, `sent` name paths; a query goes upstream
+        hostile.seen.append((method, bare))
+        rule = hostile.rules.get(self.path) or hostile.rules.get(bare)
         try:
             if rule is not None:
                 rule(self)
@@ -69,7 +70,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _write(self, data: bytes) -> None:
         self.wfile.write(data)
         self.wfile.flush()
-        self.server.hostile.sent[self.path] = self.server.hostile.sent.get(self.path, 0) + len(data)
+        path = getattr(self, "bare", self.path)
+        self.server.hostile.sent[path] = self.server.hostile.sent.get(path, 0) + len(data)
 
 
 class _Server(ThreadingHTTPServer):

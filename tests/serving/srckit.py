@@ -192,6 +192,20 @@ def version_record(reg: Registry, name: str) -> dict:
     return r.json()
 
 
+def signature_text(reg: Registry, name: str) -> str:
+    """The stored text of the signature document of ``<owner>/<name>``'s latest version (its sha256
+    is the digest the registry names it by)."""
+    import sqlite3
+
+    db = sqlite3.connect(reg.data / "registry.sqlite3")
+    try:
+        (text,) = db.execute("SELECT s.doc FROM versions v JOIN signatures s ON s.sig_digest = v.sig_digest "
+                             "WHERE v.owner=? AND v.name=? ORDER BY v.version DESC LIMIT 1", (reg.owner, name)).fetchone()
+    finally:
+        db.close()
+    return text
+
+
 def edit_signature(reg: Registry, name: str, change) -> None:
     """Rewrite the stored signature document of ``<owner>/<name>`` in the registry's SQLite file
     (what a compromised registry could serve); ``change`` edits the parsed document in place."""

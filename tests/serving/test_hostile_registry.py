@@ -285,11 +285,13 @@ def test_huge_json_is_cut_at_the_cap(published, source_env: Path, monkeypatch: p
             assert e.value.code == "response_too_large" and time.monotonic() - t0 < 10
             if declare:
                 assert str(e.value) == (f"soppu adapter alice/ad1: refused the registry's answer while resolving the "
-                                        f"version: GET {evil.url}{path}: the registry declared a JSON answer of "
+                                        f"version: GET {evil.url}{path}?signature=ref: the registry declared a JSON "
+                                        f"answer of "
                                         f"{total} bytes, over the cap of {4 << 20} bytes; refused before reading it")
             else:
                 assert str(e.value) == (f"soppu adapter alice/ad1: refused the registry's answer while resolving the "
-                                        f"version: GET {evil.url}{path}: the registry sent a JSON answer of more than "
+                                        f"version: GET {evil.url}{path}?signature=ref: the registry sent a JSON answer "
+                                        f"of more than "
                                         f"{4 << 20} bytes, over the cap; refused without reading the rest")
             time.sleep(0.5)
             # What the registry got out before the host hung up: the cap plus socket buffers, not 256 MiB.
@@ -347,7 +349,9 @@ def _resigned(published, change) -> dict:
 
 VERSION = "/v1/adapters/alice/ad0"
 KEYS = "/v1/keys/alice"
-_PREFIX_V = "soppu adapter alice/ad0: refused the registry's answer while resolving the version: GET {url}" + VERSION
+# (the serving host asks for records naming the signature document by digest: ?signature=ref)
+_PREFIX_V = "soppu adapter alice/ad0: refused the registry's answer while resolving the version: GET {url}" + VERSION \
+    + "?signature=ref"
 _PREFIX_K = "soppu adapter alice/ad0: refused the registry's answer while fetching the owner's keys: GET {url}" + KEYS
 _BAD_RECORD = "soppu adapter alice/ad0: the registry at {url} answered a malformed version record: "
 
@@ -391,7 +395,7 @@ MALFORMED = [
                  "reading the rest"),
     ("error-huge", VERSION, lambda p: hostile.endless_json(64 << 20, declare=False, status=500), RegistryError, None,
      "soppu adapter alice/ad0: registry error while resolving the version: GET {url}" + VERSION
-     + ": HTTP 500 Internal Server Error: {\"pad\": \""),
+     + "?signature=ref: HTTP 500 Internal Server Error: {\"pad\": \""),
 ]
 
 

@@ -7,9 +7,11 @@ counted server-side by a keep-alive proxy in front of it (:mod:`tests.serving.co
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
+import requests
 
 from soppu_client.format.errors import InputError, SoppuError
 from soppu_serving import VLLM, Session, Settings
@@ -31,12 +33,16 @@ def test_one_request_one_verification_one_connection(published, tmp_path: Path) 
         assert (c0, r0) == (0, 0)
         served = session.serve("alice/ad0", reg.serving_token)
         c1, r1 = proxy.snapshot()
-        # Cold: the record, the owner's keys, then the three signed blobs, on one connection.
+        # Cold: the record (naming the bundle's signature document by digest), that document, the
+        # owner's keys, then the three signed blobs, on one connection.
+        sig = hashlib.sha256(srckit.signature_text(reg, "ad0").encode()).hexdigest()
         assert [p for _, p in proxy.requests[r0:r1]] == [
-            "/v1/adapters/alice/ad0", "/v1/keys/alice", f"/v1/blobs/sha256:{digests['manifest.json']}",
-            f"/v1/blobs/sha256:{digests['basis.safetensors']}", f"/v1/blobs/sha256:{digests['cores/ad0.safetensors']}"]
-        assert served.stats.registry_requests == r1 - r0 == 5
-        assert served.stats.verifications == 1 and served.stats.materialized and not served.stats.warm
+            "/v1/adapters/alice/ad0?signature=ref", f"/v1/signatures/sha256:{sig}", "/v1/keys/alice",
+            f"/v1/blobs/sha256:{digests['manifest.json']}", f"/v1/blobs/sha256:{digests['basis.safetensors']}",
+            f"/v1/blobs/sha256:{digests['cores/ad0.safetensors']}"]
+        assert served.stats.registry_requests == r1 - r0 == 6
+        assert served.stats.verifications == served.stats.signature_checks == 1
+        assert served.stats.materialized and not served.stats.warm
         assert c1 - c0 == 1, f"{c1 - c0} connections for one request"
 
         # A second request, another adapter of the bundle: its record and its core; no new connection.
@@ -44,9 +50,13 @@ def test_one_request_one_verification_one_connection(published, tmp_path: Path) 
         c2, r2 = proxy.snapshot()
         core1 = next(f["sha256"] for f in srckit.version_record(reg, "ad1")["files"]
                      if f["path"] == "cores/ad1.safetensors")
-        assert [p for _, p in proxy.requests[r1:r2]] == ["/v1/adapters/alice/ad1", f"/v1/blobs/sha256:{core1}"]
+        # The bundle's signature document is not moved again: verified once per request all the same,
+        # from this process's verdict on the same bytes (expiry, owner, name, version checked again).
+        assert [p for _, p in proxy.requests[r1:r2]] == ["/v1/adapters/alice/ad1?signature=ref",
+                                                         f"/v1/blobs/sha256:{core1}"]
         assert second.stats.registry_requests == r2 - r1 == 2
-        assert second.stats.verifications == 1 and second.stats.blobs_downloaded == ["cores/ad1.safetensors"]
+        assert second.stats.verifications == 1 and second.stats.signature_checks == 0
+        assert second.stats.blobs_downloaded == ["cores/ad1.safetensors"]
         assert c2 - c1 == 0
 
         # A third, warm: verified again (once), nothing downloaded, the record reused within the TTL.
@@ -55,6 +65,18 @@ def test_one_request_one_verification_one_connection(published, tmp_path: Path) 
         assert warm.stats.warm and not warm.stats.materialized and warm.stats.verifications == 1
         assert warm.stats.registry_requests == r3 - r2 == 0 and c3 == c2
         assert warm.path == served.path
+    # The document by digest: its exact bytes to a reader of alice's adapters, the 404 of an absent
+    # one to a token of another owner (no oracle), a 400 for a malformed digest.
+    url = f"{reg.url}/v1/signatures/sha256:{sig}"
+    ok = requests.get(url, headers={"Authorization": f"Bearer {reg.serving_token}"}, timeout=10)
+    assert ok.status_code == 200 and hashlib.sha256(ok.content).hexdigest() == sig
+    other = requests.get(url, headers={"Authorization": f"Bearer {reg.other_owner_token}"}, timeout=10)
+    absent = requests.get(f"{reg.url}/v1/signatures/sha256:{'0' * 64}",
+                          headers={"Authorization": f"Bearer {reg.serving_token}"}, timeout=10)
+    assert other.status_code == absent.status_code == 404 and other.json()["error"]["code"] == "not_found"
+    bad = requests.get(f"{reg.url}/v1/signatures/md5:00", headers={"Authorization": f"Bearer {reg.serving_token}"},
+                       timeout=10)
+    assert bad.status_code == 400
 
 
 def test_engine_check_runs_before_any_download_and_a_refusal_leaves_no_mark(published, tmp_path: Path) -> None:
