@@ -2,11 +2,13 @@
 runtime hooks), end to end: registry on loopback -> resolver -> compressed dir -> SOPPU-aware vLLM
 layers (cores per slot, shared bases) -> tokens.
 
-One server for the module, `--max-loras 4 --max-cpu-loras 4`: vLLM's LRU evicts adapters all the
-time, so every test below also runs through eviction and reload. Published before vLLM starts, as
-`alice`: bundle `main` (the 12 example adapters, k=16, one basis) and bundle `other` (copies of four
-of them named `b-*`, k=8, another basis). The PEFT form of `main` (`soppu export`) is loaded into the
-same server as ordinary LoRAs (`/v1/load_lora_adapter`, names `peft-<adapter>`).
+Published before vLLM starts, as `alice`: bundle `main` (the 12 example adapters, k=16, one basis)
+and bundle `other` (copies of four of them named `b-*`, k=8, another basis). The PEFT form of `main`
+(`soppu export`) is the reference: first a stock vLLM server (`SOPPU_SERVE_FORMAT=peft`, no SOPPU code
+in its layers) answers every held-out prompt through it, then that server stops and the compressed
+one starts (2 cores do not hold both). The compressed server (`--max-loras 4 --max-cpu-loras 4`:
+vLLM's LRU evicts adapters all the time, so every test also runs through eviction and reload) has
+the PEFT exports loaded as ordinary LoRAs too (`/v1/load_lora_adapter`, names `peft-<adapter>`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class CompressedServer:
     names: list[str]  # adapters of `main`
     prompts: dict[str, list[dict]]  # held-out prompts per adapter
     peft_reference: tuple  # _peft_greedy (transformers + PEFT) of REFERENCE_ADAPTER's export
+    stock_answers: dict[tuple[str, int], str]  # (adapter, prompt index) -> the PEFT form through stock vLLM
 
 
 def _chat(server: vllmkit.VllmServer, model: str, prompt: str, max_tokens: int = MAX_TOKENS) -> tuple[str, list[int]]:
@@ -76,13 +79,23 @@ def compressed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CompressedS
         reference = _peft_greedy(tmp / "peft" / REFERENCE_ADAPTER,
                                  [p["prompt"] for p in prompts[REFERENCE_ADAPTER][:N_REFERENCE]])
         env = {"SOPPU_REGISTRY_URL": reg.url, "SOPPU_REGISTRY_TOKEN": reg.serving_token,
-               "SOPPU_CACHE_DIR": str(tmp / "cache"), "SOPPU_SERVED_BASE_MODEL": srckit.BASE_MODEL,
-               "SOPPU_SERVE_FORMAT": "compressed"}
-        server = vllmkit.start_vllm(python, model, port=srckit.free_port(), log=tmp / "vllm.log", env=env,
-                                    extra_args=("--max-loras", str(MAX_LORAS), "--max-cpu-loras", str(MAX_LORAS)))
+               "SOPPU_CACHE_DIR": str(tmp / "cache"), "SOPPU_SERVED_BASE_MODEL": srckit.BASE_MODEL}
+        flags = ("--max-loras", str(MAX_LORAS), "--max-cpu-loras", str(MAX_LORAS))
+        server = vllmkit.start_vllm(python, model, port=srckit.free_port(), log=tmp / "vllm-stock.log",
+                                    env={**env, "SOPPU_SERVE_FORMAT": "peft"}, extra_args=flags)
         for n in names:
             _load_peft(server, f"peft-{n}", tmp / "peft" / n)
-        yield CompressedServer(server, reg, names, prompts, reference)
+        jobs = [(n, i) for n in names for i in range(len(prompts[n]))]
+        with ThreadPoolExecutor(8) as pool:
+            texts = list(pool.map(lambda j: _chat(server, f"peft-{j[0]}", prompts[j[0]][j[1]]["prompt"])[0], jobs))
+        assert "soppu compressed" not in server.log_text(), "the stock server ran the compressed path"
+        server.stop()
+        stock = dict(zip(jobs, texts))
+        server = vllmkit.start_vllm(python, model, port=srckit.free_port(), log=tmp / "vllm.log",
+                                    env={**env, "SOPPU_SERVE_FORMAT": "compressed"}, extra_args=flags)
+        for n in names:
+            _load_peft(server, f"peft-{n}", tmp / "peft" / n)
+        yield CompressedServer(server, reg, names, prompts, reference, stock)
     finally:
         if server is not None:
             server.stop()
@@ -103,16 +116,16 @@ def test_compressed_greedy_equals_transformers_peft(compressed: CompressedServer
 
 
 def test_held_out_completions_compressed_equal_peft_form(compressed: CompressedServer) -> None:
-    """Every example adapter's held-out prompts, compressed form vs PEFT form in one server:
-    >= 95% identical strings, task accuracy within one answer per task."""
+    """Every example adapter's held-out prompts, the compressed form (compressed server) vs the PEFT
+    form (stock vLLM): >= 95% identical strings, task accuracy within one answer per task."""
     from soppu_client.verify import exact_match
 
     srv = compressed.server
     jobs = [(n, i, item) for n in compressed.names for i, item in enumerate(compressed.prompts[n])]
 
     def both(job):
-        n, _, item = job
-        return _chat(srv, f"alice/{n}@1", item["prompt"])[0], _chat(srv, f"peft-{n}", item["prompt"])[0]
+        n, i, item = job
+        return _chat(srv, f"alice/{n}@1", item["prompt"])[0], compressed.stock_answers[(n, i)]
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(both, jobs))
