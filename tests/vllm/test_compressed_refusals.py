@@ -1,6 +1,7 @@
 """What the vLLM compressed path refuses, and the exact messages (run in `.venv-vllm`, no server):
-an unsupported vLLM version, a configuration it cannot serve, an adapter with k above
---max-lora-rank or a module the model lacks."""
+an unsupported vLLM version, a configuration it cannot serve (tensor parallel, fully sharded, CUDA
+graphs: the CUDA platform check is exercised with the platform's answer patched, no GPU here), an
+adapter with k above --max-lora-rank or a module the model lacks."""
 
 from __future__ import annotations
 
@@ -29,6 +30,19 @@ try:
     _check_supported(layer, types.SimpleNamespace(fully_sharded_loras=True))
 except UnsupportedConfig as e:
     out["config"] = str(e)
+from vllm.config import CUDAGraphMode, VllmConfig, set_current_vllm_config
+import vllm.platforms
+cfg = VllmConfig()
+cfg.compilation_config.cudagraph_mode = CUDAGraphMode.FULL  # as on a CUDA machine without --enforce-eager
+is_cuda = vllm.platforms.current_platform.is_cuda_alike
+vllm.platforms.current_platform.is_cuda_alike = lambda: True
+with set_current_vllm_config(cfg):
+    try:
+        _check_supported(types.SimpleNamespace(tp_size=1, _enable_aux_cuda_stream=False),
+                         types.SimpleNamespace(fully_sharded_loras=False))
+    except UnsupportedConfig as e:
+        out["graphs"] = str(e)
+vllm.platforms.current_platform.is_cuda_alike = is_cuda
 import torch
 from vllm_lora_resolver.compressed.loader import CompressedLoadError, load_compressed_lora
 path = sys.argv[1]
@@ -66,6 +80,9 @@ def test_refusals_name_the_fix(tmp_path: Path) -> None:
     assert out["config"] == (
         "soppu compressed: SOPPU_SERVE_FORMAT=compressed cannot serve with tensor parallel size 2 (run with "
         "--tensor-parallel-size 1); --fully-sharded-loras (leave it off)")
+    assert out["graphs"] == (
+        "soppu compressed: SOPPU_SERVE_FORMAT=compressed cannot serve with CUDA graphs (the SOPPU compressed state "
+        "changes as adapters load, a captured graph would not see it: start vLLM with --enforce-eager)")
     c = tmp_path / "c"
     assert out["rank"] == (f"compressed LoRA adapter alice/x@1 ({c}) cannot be served here: k=16 exceeds "
                            "--max-lora-rank 8: start vLLM with --max-lora-rank >= 16")

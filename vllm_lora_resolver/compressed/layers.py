@@ -41,6 +41,10 @@ INITIAL_POOL = 1  # ordinary-LoRA pool slots a layer starts with
 log = init_logger("vllm.soppu_compressed")
 
 
+_GRAPHS = ("CUDA graphs (the SOPPU compressed state changes as adapters load, a captured graph would not see it: "
+           "start vLLM with --enforce-eager)")
+
+
 class UnsupportedConfig(RuntimeError):
     """A vLLM configuration the compressed path refuses at start (the message says what to change)."""
 
@@ -58,11 +62,13 @@ def _check_supported(layer, lora_config) -> None:
     if current_platform.is_cuda_alike():
         from vllm.config import CUDAGraphMode, get_current_vllm_config
 
-        cfg = get_current_vllm_config()
-        eager = cfg.model_config is not None and cfg.model_config.enforce_eager
+        try:
+            cfg = get_current_vllm_config()
+        except AssertionError:  # no config in scope: the capture guard in the forward still refuses
+            cfg = None
+        eager = cfg is None or (cfg.model_config is not None and cfg.model_config.enforce_eager)
         if not eager and cfg.compilation_config.cudagraph_mode != CUDAGraphMode.NONE:
-            problems.append("CUDA graphs (the SOPPU compressed state changes as adapters load, a captured graph "
-                            "would not see it: start vLLM with --enforce-eager)")
+            problems.append(_GRAPHS)
     if problems:
         msg = ("soppu compressed: SOPPU_SERVE_FORMAT=compressed cannot serve with " + "; ".join(problems))
         log.error(msg)
@@ -191,6 +197,10 @@ class SoppuLinearMixin:
         if x.ndim == 3 and output.ndim == 3:
             output = output.flatten(0, 1)
             x = x.flatten(0, 1)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            msg = "soppu compressed: SOPPU_SERVE_FORMAT=compressed cannot serve with " + _GRAPHS
+            log.error(msg)
+            raise UnsupportedConfig(msg)
         idx = self.punica_wrapper.token_lora_indices
         if idx.shape[0] != x.shape[0]:
             idx = idx[: x.shape[0]]
