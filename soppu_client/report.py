@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from soppu_client.format.bundle import Sizes
 
 
@@ -55,12 +57,48 @@ def sizes_text(sizes: Sizes) -> str:
         f"parameters: {sizes.params_before:,} -> {sizes.params_after:,} ({parts}), "
         f"compression ratio {sizes.param_ratio:.2f}x"
     )
-    if sizes.source_bytes is not None and sizes.tensor_bytes is not None and sizes.byte_ratio is not None:
-        text += (
-            f"\nbytes: {sizes.source_bytes:,} (adapter files) -> {sizes.tensor_bytes:,} "
-            f"(bundle tensors) = {sizes.byte_ratio:.2f}x"
-        )
+    if sizes.source_bytes is not None and sizes.byte_ratio is not None:
+        text += (f"\nbytes: {sizes.source_bytes:,} (adapter files) -> {sizes.file_bytes:,} "
+                 f"(bundle files{', basis not counted' if sizes.basis_reused else ''}) = {sizes.byte_ratio:.2f}x")
+    elif sizes.source_bytes is not None and sizes.tensor_bytes:  # bundles from before file bytes were recorded
+        text += (f"\nbytes: {sizes.source_bytes:,} (adapter files) -> {sizes.tensor_bytes:,} "
+                 f"(bundle tensors) = {sizes.source_bytes / sizes.tensor_bytes:.2f}x")
+    if sizes.source_bf16_bytes and sizes.file_bytes:
+        text += "\n" + bf16_bytes_text(sizes.source_bf16_bytes, sizes.tensor_bytes, sizes.safetensors_bytes,
+                                        sizes.file_bytes)
     return text
+
+
+def bf16_bytes_text(source_bf16: int, tensors: int | None, safetensors: int | None, files: int | None) -> str:
+    """One line: the sources' tensors at bf16 against the bundle's tensors, safetensors files and all files."""
+    parts = [f"{label} {n:,} = {source_bf16 / n:.2f}x" for label, n in
+             (("tensors", tensors), ("safetensors files", safetensors), ("all files", files)) if n]
+    return f"bytes vs the sources at bf16 ({source_bf16:,}): " + ", ".join(parts)
+
+
+def disk_bytes(bundle_dir: Path) -> dict[str, int]:
+    """What a bundle directory holds now, from os.stat: ``safetensors_bytes`` (basis and cores,
+    headers included), ``header_bytes`` (their headers: 8-byte length + JSON), ``tensor_bytes``
+    (the difference), ``manifest_bytes``, ``metrics_bytes``, ``file_bytes`` (all of these:
+    what ``soppu compress`` writes) and ``signature_bytes`` (``soppu sign``'s, 0 if unsigned; not
+    in ``file_bytes``)."""
+    import struct
+
+    from soppu_client.format.names import MANIFEST, METRICS, SIGNATURE
+
+    bundle_dir = Path(bundle_dir)
+    st = [p for p in [bundle_dir / "basis.safetensors", *sorted((bundle_dir / "cores").glob("*.safetensors"))]
+          if p.is_file()]
+    headers = 0
+    for p in st:
+        with p.open("rb") as f:
+            headers += 8 + struct.unpack("<Q", f.read(8))[0]
+    size = {name: (bundle_dir / name).stat().st_size if (bundle_dir / name).is_file() else 0
+            for name in (MANIFEST, METRICS, SIGNATURE)}
+    safetensors = sum(p.stat().st_size for p in st)
+    return {"tensor_bytes": safetensors - headers, "header_bytes": headers, "safetensors_bytes": safetensors,
+            "manifest_bytes": size[MANIFEST], "metrics_bytes": size[METRICS],
+            "file_bytes": safetensors + size[MANIFEST] + size[METRICS], "signature_bytes": size[SIGNATURE]}
 
 
 def output_table(checks: list[dict]) -> str:

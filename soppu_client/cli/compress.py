@@ -48,7 +48,8 @@ __all__ = ["COMMANDS", "compress", "project"]
 @click.option("--group-size", default=64, show_default=True, type=int,
               help="Entries per quantization scale: down each basis column; over the whole flattened core.")
 @click.option("--budget", default=None, metavar="Nx|SIZE",
-              help="Byte budget: 9x = bundle tensors at most 1/9 of the sources' tensors at bf16; or 2MB, 500KB, "
+              help="Byte budget in file bytes (tensors, safetensors headers, manifest.json, metrics.json): 9x = "
+                   "the bundle's files at most 1/9 of the sources' tensors at bf16; or 2MB, 500KB, "
                    "1.5GiB. Spreads k (<= --rank, now the largest k) and bits (2/3/4/8/float) across modules to "
                    "minimize the total error.")
 @click.option("--rounding", type=click.Choice(["gptq", "absmax"]), default="gptq", show_default=True,
@@ -95,7 +96,8 @@ def compress(adapter_dirs: tuple[Path, ...], out: Path, rank: int, method: str, 
             *_storage_lines(fit.get("storage"), metrics.sizes),
             ERROR_EPILOG,
         ])
-        emit(as_json, {"bundle": str(out), "fit": fit, "metrics": metrics.to_json()}, text)
+        report = {**metrics.to_json(), "sizes": metrics.sizes.report_json()}
+        emit(as_json, {"bundle": str(out), "fit": fit, "metrics": report}, text)
 
 
 def _storage_lines(plan: dict | None, sizes) -> list[str]:
@@ -103,11 +105,10 @@ def _storage_lines(plan: dict | None, sizes) -> list[str]:
     if not plan:
         return []
     lines = []
-    if sizes.bf16_byte_ratio is not None:
-        lines.append(f"bytes vs the sources at bf16: {sizes.source_bf16_bytes:,} -> {sizes.tensor_bytes:,} = "
-                     f"{sizes.bf16_byte_ratio:.2f}x")
     if "budget_bytes" in plan:
-        lines.append(f"budget {plan['budget']}: {plan['budget_bytes']:,} bytes allowed")
+        lines.append(f"budget {plan['budget']}: {plan['budget_bytes']:,} file bytes allowed, {sizes.file_bytes:,} "
+                     f"written (planned: safetensors {plan['planned_safetensors_bytes']:,} + at most "
+                     f"{plan['json_bytes_bound']:,} of manifest.json and metrics.json)")
     rows: dict[tuple, list[str]] = {}
     for module, c in plan["modules"].items():
         rows.setdefault((c["k"], c["basis_bits"] or "float", c["core_bits"] or "float"), []).append(module)
@@ -178,7 +179,8 @@ def project(adapter_dirs: tuple[Path, ...], onto: Path | None, published: str | 
             f"source parameters = {sizes.param_ratio:.1f}x",
             ERROR_EPILOG,
         ])
-        emit(as_json, {"bundle": str(out), "fit": fit, "metrics": metrics.to_json()}, text)
+        report = {**metrics.to_json(), "sizes": metrics.sizes.report_json()}
+        emit(as_json, {"bundle": str(out), "fit": fit, "metrics": report}, text)
 
 
 COMMANDS: list[click.Command] = [compress, project]

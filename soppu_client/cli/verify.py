@@ -88,9 +88,12 @@ def verify(bundle_dir: Path, more_adapter_dirs: tuple[Path, ...], adapter_dirs: 
 @click.option("--layers", "show_layers", is_flag=True, help="Also print the per-layer error table.")
 @json_option
 def inspect(bundle_dir: Path, show_layers: bool, as_json: bool) -> None:
-    """Show a bundle's manifest: base model, method, rank, adapters, sizes and stored metrics."""
+    """Show a bundle's manifest: base model, method, rank, adapters, sizes and stored metrics.
+
+    Bytes: as recorded at compress time (tensors, safetensors files, all files, each against the
+    sources at bf16) and as the directory holds them now (os.stat; signature.json apart)."""
     from soppu_client.format.bundle import Bundle
-    from soppu_client.report import layer_table, sizes_text, table, weight_table
+    from soppu_client.report import bf16_bytes_text, disk_bytes, layer_table, sizes_text, table, weight_table
 
     with reporting(as_json):
         bundle = Bundle.open(bundle_dir)
@@ -109,9 +112,22 @@ def inspect(bundle_dir: Path, show_layers: bool, as_json: bool) -> None:
             if show_layers:
                 lines += ["", layer_table({"layers": m.metrics.layers})]
             lines += ["", sizes_text(m.metrics.sizes)]
+        disk = disk_bytes(bundle.path)
+        sizes = m.metrics.sizes if m.metrics is not None else None
+        source = sizes.source_bf16_bytes if sizes is not None else None
+        disk["bf16_byte_ratio"] = source / disk["file_bytes"] if source and disk["file_bytes"] else None
+        lines += ["", f"on disk     {disk['file_bytes']:,} bytes = tensors {disk['tensor_bytes']:,} + safetensors headers "
+                      f"{disk['header_bytes']:,} + manifest.json {disk['manifest_bytes']:,} + metrics.json "
+                      f"{disk['metrics_bytes']:,}" + (f" (signature.json {disk['signature_bytes']:,} more)"
+                                                        if disk["signature_bytes"] else ""),
+                  f"core files  {m.cores_layout} layout"]
+        if source:
+            lines.append(bf16_bytes_text(source, disk["tensor_bytes"], disk["safetensors_bytes"], disk["file_bytes"])
+                         + (" (basis included)" if sizes is not None and sizes.basis_reused else ""))
         signed = (bundle.path / SIGNATURE).is_file()
         lines.append(f"signature   {'present (check with soppu verify-signature)' if signed else 'none (soppu sign)'}")
-        emit(as_json, {"bundle": str(bundle_dir), "manifest": m.to_json(), "signed": signed}, "\n".join(lines))
+        emit(as_json, {"bundle": str(bundle_dir), "manifest": m.to_json(), "signed": signed, "disk": disk,
+                       "sizes": sizes.report_json() if sizes is not None else None}, "\n".join(lines))
 
 
 def storage_text(m) -> str:

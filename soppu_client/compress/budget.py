@@ -1,7 +1,10 @@
 """Spread rank k and bits across modules under one byte budget (``soppu compress --budget``).
 
-Each module m offers choices (k, basis bits, core bits), each with the bytes it stores and the
-weighted error it is expected to leave (``module_choices``):
+Budgets count file bytes: everything ``soppu compress`` writes (tensors, their safetensors
+headers, metrics.json and manifest.json; not signature.json, which ``soppu sign`` adds later).
+Each module m offers choices (k, basis bits, core bits), each with the bytes it adds (its tensor
+data and its basis header entries, offsets counted at their largest width) and the weighted error
+it is expected to leave (``module_choices``):
 
     err_m(k, b_B, b_C) = res_m(k) + (rho_B(b_B) + rho_C(b_C)) * cap_m(k)
 
@@ -14,7 +17,11 @@ quantizing the bases (resp. the cores) to b bits added at the largest k, measure
 knapsack): greedy on the lower convex hull of each module's (bytes, error) choices, taking the
 steepest error drop per byte that still fits, then spending what is left on the best single
 upgrades. At every budget where the greedy path stops exactly, this is optimal (the LP relaxation
-is integral there); elsewhere it is within one hull step of optimal.
+is integral there); elsewhere it is within one hull step of optimal. What no module's choice
+changes is set aside first (:func:`fixed_bytes`: the files' header frames, the packed core files'
+at most three entries each, and an upper bound of the two JSON files the caller renders with every
+number at its widest). After the choice the safetensors bytes are recomputed exactly
+(``file_bytes.safetensors_file_bytes``) and recorded as ``fit.storage.planned_safetensors_bytes``.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from dataclasses import dataclass
 
 from soppu_client.format.errors import InputError
 
-__all__ = ["Choice", "allocate", "parse_budget"]
+__all__ = ["Choice", "allocate", "basis_entry_bytes", "fixed_bytes", "parse_budget", "planned_safetensors_bytes"]
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 _BUDGET_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
@@ -185,11 +192,84 @@ def captured(fit, stack) -> list[float]:
     return out
 
 
+# --------------------------------------------------------------------------- bytes of files
+
+
+def _widest(n: int) -> int:
+    """The largest number with as many digits as ``n`` (offsets and sizes counted at their widest)."""
+    return 10 ** len(str(max(n, 1))) - 1
+
+
+def basis_entry_bytes(module: str, d_out: int, d_in: int, k: int, bits: int | None, group_size: int,
+                      n_clusters: int, float_dtype: str, max_offset: int) -> int:
+    """Header bytes module ``module``'s bases take in basis.safetensors at (k, bits), each offset
+    counted at the width of ``max_offset`` (an upper bound of the file's data bytes)."""
+    from soppu_client.format.bundle import stored_entries
+    from soppu_client.format.file_bytes import entry_bytes
+    from soppu_client.format.names import basis_key
+    from soppu_client.format.quant import QuantSpec
+
+    wide = _widest(max_offset)
+    spec = None if bits is None else QuantSpec(bits, group_size)
+    total = 0
+    for c in range(n_clusters):
+        for side, rows in (("U", d_out), ("V", d_in)):
+            for name, (dt, shape) in stored_entries(basis_key(module, side, c, n_clusters), (rows, k), spec,
+                                                    "basis", float_dtype).items():
+                total += entry_bytes(name, dt, shape, wide, wide)
+    return total
+
+
+def fixed_bytes(names: list[str], float_dtype: str, max_core_bytes: int) -> int:
+    """Upper bound of the safetensors bytes no module's choice changes: each file's length field,
+    metadata, braces and padding, and each packed core file's (at most three) entries."""
+    from soppu_client.format.file_bytes import entry_bytes, header_bytes
+    from soppu_client.format.names import BUNDLE_FORMAT
+    from soppu_client.format.packed_cores import CODES_KEY, FLOAT_KEY, SCALES_KEY
+    from soppu_client.format.quant import SCALE_DTYPE
+
+    frame = header_bytes({}, {"format": BUNDLE_FORMAT}) + 7  # + the most padding a header can need
+    wide = _widest(max_core_bytes)
+    core = sum(entry_bytes(key, dt, (wide,), wide, wide)
+               for key, dt in ((FLOAT_KEY, float_dtype), (CODES_KEY, "U8"), (SCALES_KEY, SCALE_DTYPE)))
+    return frame * (1 + len(names)) + core * len(names)
+
+
+def planned_safetensors_bytes(modules: dict[str, tuple[int, int, int, int | None, int | None]], names: list[str],
+                              diag: bool, n_clusters: int, group_size: int, float_dtype: str) -> int:
+    """Exact bytes of basis.safetensors and the packed core files of a plan: ``modules`` module ->
+    (d_out, d_in, k, basis bits, core bits)."""
+    from soppu_client.format.bundle import stored_entries
+    from soppu_client.format.file_bytes import safetensors_file_bytes
+    from soppu_client.format.names import BUNDLE_FORMAT, basis_key
+    from soppu_client.format.packed_cores import core_segments, packed_entries
+    from soppu_client.format.quant import QuantSpec
+
+    def spec(b: int | None) -> QuantSpec | None:
+        return None if b is None else QuantSpec(b, group_size)
+
+    meta = {"format": BUNDLE_FORMAT}
+    basis: dict = {}
+    for module, (d_out, d_in, k, bb, _bc) in modules.items():
+        for c in range(n_clusters):
+            for side, rows in (("U", d_out), ("V", d_in)):
+                basis.update(stored_entries(basis_key(module, side, c, n_clusters), (rows, k), spec(bb), "basis",
+                                            float_dtype))
+    segments = core_segments({m: (k,) if diag else (k, k) for m, (_o, _i, k, _b, _c) in modules.items()},
+                             {m: spec(bc) for m, (*_x, bc) in modules.items()})
+    return (safetensors_file_bytes(basis, meta)
+            + len(names) * safetensors_file_bytes(packed_entries(segments, float_dtype), meta))
+
+
+# --------------------------------------------------------------------------- per-module choices (cont.)
+
+
 def module_choices(stack, fit, bits: list[int | None], group_size: int, float_bytes: int, *,
-                   rounding: str = "gptq") -> list[Choice]:
+                   rounding: str = "gptq", header=None) -> list[Choice]:
     """Every (k, basis bits, core bits) of one module with its bytes and normalized expected error
     (weighted squared error / sum_i w_i ||dW_i||^2, so every module counts the same).
-    ``fit``: ordered (:func:`order_fit`), at the largest k; ``bits``: options, None = float."""
+    ``fit``: ordered (:func:`order_fit`), at the largest k; ``bits``: options, None = float;
+    ``header(k, basis_bits)``: the header bytes the module's bases add (default: none)."""
     import torch
 
     from soppu_client.compress.quantize import quantize_module, weighted_sq_residual
@@ -220,19 +300,20 @@ def module_choices(stack, fit, bits: list[int | None], group_size: int, float_by
     for k in range(1, k_max + 1):
         core_n = k if fit.diag else k * k
         for bb in bits:
-            basis_bytes = n_clusters * (nbytes(d_out, k, bb) + nbytes(d_in, k, bb))
+            basis_bytes = n_clusters * (nbytes(d_out, k, bb) + nbytes(d_in, k, bb)) + (header(k, bb) if header else 0)
             for bc in bits:
                 err = max(total - cap[k], 0.0) + (rho_b[bb] + rho_c[bc]) * cap[k]
                 out.append(Choice(k, bb, bc, basis_bytes + n * nbytes(core_n, 1, bc), err / total))
     return out
 
 
-def stored_modules(collection, config, fitted, storage, plan: dict):
+def stored_modules(collection, config, fitted, storage, plan: dict, *, json_bytes: int = 0, n_clusters: int = 1):
     """Quantize each fitted module (``--bits``) or, with ``--budget``, first fit every module at the
     largest k, then allocate k and bits (:func:`allocate`) and yield the truncated, quantized fits.
 
     ``fitted``: ``iter_compressed_modules``'s stream; yields the same ``(module, factors, fit)`` with
     ``fit.stored`` set. ``plan`` is filled with what was chosen (reported in the manifest's ``fit``).
+    ``json_bytes``: an upper bound of manifest.json + metrics.json, set aside from the budget.
     """
     import numpy as np
     import torch
@@ -257,19 +338,42 @@ def stored_modules(collection, config, fitted, storage, plan: dict):
                                                       "core_bits": config.bits}
             yield module, factors, fit
         return
+    from soppu_client.format.bundle import STORAGE_DTYPES
+
     float_bytes = torch.tensor([], dtype=storage).element_size()
+    float_dtype = STORAGE_DTYPES[str(storage).removeprefix("torch.")]
     bits = [config.bits] if config.bits else [2, 3, 4, 8, None]
-    ordered, options = {}, []
+    names, k_max = collection.names, config.rank
+    # the largest the data of basis.safetensors / a core file can be: every module at k_max, float
+    max_basis = sum(n_clusters * k_max * (d_o + d_i) * float_bytes for d_o, d_i in collection.shapes.values())
+    max_core = sum((k_max if config.diag else k_max * k_max) * float_bytes for _ in collection.shapes)
+    ordered, options, dims = {}, [], {}
     for module, factors, fit in fitted:
         stack = stack_of(factors)
         ordered[module] = order_fit(fit, stack)
-        options.append(module_choices(stack, ordered[module], bits, G, float_bytes, rounding=config.rounding))
+        d_out, d_in = ordered[module].U[0].shape[0], ordered[module].V[0].shape[0]
+        dims[module] = (d_out, d_in)
+
+        def header(k: int, bb: int | None, module=module, d_out=d_out, d_in=d_in) -> int:
+            return basis_entry_bytes(module, d_out, d_in, k, bb, G, n_clusters, float_dtype, max_basis)
+
+        options.append(module_choices(stack, ordered[module], bits, G, float_bytes, rounding=config.rounding,
+                                      header=header))
     params_before = sum(info.modules[m][2] * (d_out + d_in) for info in collection.adapters
                         for m, (d_out, d_in) in collection.shapes.items())
     budget = parse_budget(config.budget, 2 * params_before)
-    picks = allocate(options, budget)
+    fixed = fixed_bytes(names, float_dtype, max_core) + json_bytes
+    if fixed >= budget:
+        raise InputError(f"`--budget` of {budget:,} bytes does not even hold the bundle's fixed files ({fixed:,} bytes: "
+                         "manifest.json, metrics.json and the safetensors headers); allow more bytes")
+    picks = allocate(options, budget - fixed)
     chosen = [opts[i] for opts, i in zip(options, picks)]
-    plan.update(budget=config.budget, budget_bytes=budget, planned_bytes=sum(c.bytes for c in chosen),
+    exact = planned_safetensors_bytes({m: (*dims[m], c.k, c.basis_bits, c.core_bits) for m, c in zip(ordered, chosen)},
+                                      names, config.diag, n_clusters, G, float_dtype)
+    tensor = sum(c.bytes - (basis_entry_bytes(m, *dims[m], c.k, c.basis_bits, G, n_clusters, float_dtype, max_basis))
+                 for m, c in zip(ordered, chosen))
+    plan.update(budget=config.budget, budget_bytes=budget, planned_bytes=tensor, planned_safetensors_bytes=exact,
+                json_bytes_bound=json_bytes, planned_file_bytes=exact + json_bytes,
                 source_bf16_bytes=2 * params_before, modules={})
     for (module, fit), choice in zip(ordered.items(), chosen):
         factors = collection.module_factors(module, dtype=np.float64)

@@ -36,6 +36,7 @@ from soppu_client.format.bundle import (
     Bundle,
     BundleBuilder,
     BundleMetrics,
+    FileEntry,
     Manifest,
     Sizes,
     canonical_dumps,
@@ -44,6 +45,8 @@ from soppu_client.format.bundle import (
 )
 from soppu_client.format.errors import InputError
 from soppu_client.format.names import BASIS, METRICS, core_path
+from soppu_client.format.packed_cores import PACKED
+from soppu_client.format.quant import QuantSpec
 from soppu_client.metrics import ModuleMetrics, module_metrics, summarize
 
 __all__ = ["compress_adapters", "compress_collection", "project_adapters", "write_fitted_bundle"]
@@ -70,16 +73,102 @@ def _sizes(collection: AdapterCollection, builder: BundleBuilder, *, basis_reuse
                  source_bytes=int(source_bytes), tensor_bytes=builder.tensor_bytes(), source_bf16_bytes=2 * int(before))
 
 
+def _metrics_parts(metrics: list[ModuleMetrics], names: list[str], sizes: Sizes) -> tuple[BundleMetrics, dict]:
+    """The manifest's metrics section and metrics.json's object."""
+    summary = summarize(metrics, names)
+    section = BundleMetrics(summary={k: v for k, v in summary.items() if k != "layers"}, layers=summary["layers"],
+                            sizes=sizes)
+    detail = {"error_definition": summary["error_definition"], "modules": [m.to_json(names) for m in metrics]}
+    return section, detail
+
+
 def _write(builder: BundleBuilder, out: str | Path, manifest: Manifest, metrics: list[ModuleMetrics],
            collection: AdapterCollection, *, basis_reused: bool, force: bool) -> Manifest:
     """Attach metrics (manifest summary + metrics.json detail) and sizes, then write the bundle."""
-    names = collection.names
-    summary = summarize(metrics, names)
-    section = BundleMetrics(summary={k: v for k, v in summary.items() if k != "layers"}, layers=summary["layers"],
-                            sizes=_sizes(collection, builder, basis_reused=basis_reused))
-    detail = {"error_definition": summary["error_definition"], "modules": [m.to_json(names) for m in metrics]}
+    section, detail = _metrics_parts(metrics, collection.names, _sizes(collection, builder, basis_reused=basis_reused))
     manifest = replace(manifest, modules=dict(builder.shapes), metrics=section, **builder.manifest_fields())
     return builder.write(Path(out), manifest, extra_files={METRICS: canonical_dumps(detail).encode()}, force=force)
+
+
+_WIDE_FLOAT = 1.2345678901234567e-05
+"""A float whose JSON text (22 characters) is as long as any non-negative float below 1e16 above 1e-100."""
+
+
+def _widen(obj: object, wide_int: int, ints: bool = False) -> object:
+    """``obj`` with every float (and, with ``ints``, every int) at its widest JSON text."""
+    if isinstance(obj, bool) or obj is None:
+        return obj
+    if isinstance(obj, float):
+        return _WIDE_FLOAT
+    if isinstance(obj, int):
+        return wide_int if ints else obj
+    if isinstance(obj, dict):
+        return {k: _widen(v, wide_int, ints) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_widen(v, wide_int, ints) for v in obj]
+    return obj
+
+
+def _fit_section(config: CompressConfig, *, iterations: list[int], converged: bool, calibration: dict | None,
+                 storage_plan: dict, seconds: float) -> dict:
+    """The manifest's ``fit`` section of ``soppu compress``."""
+    return {
+        **config.to_json(),
+        "iterations_mean": float(np.mean(iterations)),
+        "iterations_max": int(np.max(iterations)),
+        "all_converged": bool(converged),
+        "calibration_used": calibration,
+        **({"storage": storage_plan} if storage_plan else {}),
+        "seconds": round(seconds, 3),
+        "soppu_version": __version__,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+    }
+
+
+def json_bytes_bound(collection: AdapterCollection, config: CompressConfig, cluster_of: list[int],
+                     calibration: dict | None, dtype_name: str) -> int:
+    """Upper bound of manifest.json + metrics.json of ``compress_collection``'s bundle, known
+    before the fit: both rendered as written, with every measured float at its widest text
+    (22 characters), every byte count and size at the widest the bytes could need, each module
+    with its own rank and both roles quantized, and each plan entry with k = --rank and bits null."""
+    names, shapes = collection.names, collection.shapes
+    params_before = sum(info.modules[m][2] * (d_out + d_in) for info in collection.adapters
+                        for m, (d_out, d_in) in shapes.items())
+    source = sum(info.weights_path.stat().st_size for info in collection.adapters)
+    budget = 0
+    if config.budget is not None:
+        from soppu_client.compress.budget import parse_budget
+
+        budget = parse_budget(config.budget, 2 * params_before)
+    wide = 10 ** (len(str(max(budget, source, 2 * params_before, 4 * params_before * config.rank))) + 1) - 1
+    ones = np.ones(len(names))
+    dummy = [ModuleMetrics(m, ones, 0.5 * ones, 0.25 * ones) for m in shapes]
+    sizes = Sizes(params_before=wide, params_basis=wide, params_cores=wide, source_bytes=wide, tensor_bytes=wide,
+                  source_bf16_bytes=wide, safetensors_bytes=wide, file_bytes=wide)
+    section, detail = _metrics_parts(dummy, names, sizes)
+    section = BundleMetrics(summary=_widen(section.summary, wide), layers=_widen(section.layers, wide), sizes=sizes)
+    plan = {}
+    if config.quantized:
+        plan = {"modules": {m: {"k": config.rank, "basis_bits": None, "core_bits": None} for m in shapes}}
+        if config.budget is not None:
+            plan.update({key: wide for key in ("budget_bytes", "planned_bytes", "planned_safetensors_bytes",
+                                               "json_bytes_bound", "planned_file_bytes", "source_bf16_bytes")},
+                        budget=config.budget)
+    fit = _fit_section(config, iterations=[config.max_iter], converged=False, calibration=calibration,
+                       storage_plan=plan, seconds=1.0)
+    fit["iterations_mean"] = fit["seconds"] = _WIDE_FLOAT
+    spec = QuantSpec(8, config.group_size)
+    n_clusters = max(cluster_of) + 1
+    files = {rel: FileEntry("0" * 64, wide) for rel in [BASIS, *(core_path(n) for n in names), METRICS]}
+    manifest = Manifest(base_model=collection.base_model, method=config.method, rank=config.rank, dtype=dtype_name,
+                        clusters=n_clusters, modules=dict(shapes), adapters=_adapter_entries(collection, cluster_of),
+                        files=files, peft=peft_fields([info.config for info in collection.adapters]), fit=fit,
+                        metrics=section, ranks={m: config.rank for m in shapes},
+                        quant={m: {"basis": spec, "cores": spec} for m in shapes}, cores_layout=PACKED)
+    data = manifest.to_json()
+    data["metrics"]["sizes"] = _widen(data["metrics"]["sizes"], wide, ints=True)  # its ratios too
+    return len(canonical_dumps(data).encode()) + len(canonical_dumps(_widen(detail, wide)).encode())
 
 
 def write_fitted_bundle(
@@ -153,7 +242,9 @@ def compress_collection(
     if config.quantized:  # --bits / --budget: quantized (and, with a budget, per-module k) storage
         from soppu_client.compress.budget import stored_modules
 
-        fitted = stored_modules(collection, config, fitted, storage, storage_plan)
+        json_bytes = json_bytes_bound(collection, config, cluster_of, calibration, dtype_name) if config.budget else 0
+        fitted = stored_modules(collection, config, fitted, storage, storage_plan, json_bytes=json_bytes,
+                                n_clusters=n_clusters)
     for module, factors, fit in fitted:
         if fit.stored is not None:
             from soppu_client.compress.quantize import stored_values
@@ -180,18 +271,8 @@ def compress_collection(
         modules={},
         adapters=_adapter_entries(collection, cluster_of),
         peft=peft_fields([info.config for info in collection.adapters]),
-        fit={
-            **config.to_json(),
-            "iterations_mean": float(np.mean(iterations)),
-            "iterations_max": int(np.max(iterations)),
-            "all_converged": bool(converged),
-            "calibration_used": calibration,
-            **({"storage": storage_plan} if storage_plan else {}),
-            "seconds": round(time.perf_counter() - started, 3),
-            "soppu_version": __version__,
-            "torch": torch.__version__,
-            "machine": platform.machine(),
-        },
+        fit=_fit_section(config, iterations=iterations, converged=converged, calibration=calibration,
+                         storage_plan=storage_plan, seconds=time.perf_counter() - started),
     )
     return _write(builder, out, manifest, metrics, collection, basis_reused=False, force=force)
 

@@ -4,7 +4,10 @@
                                             clusters, adapters, per-file sha256 and size, metrics
     <bundle>/basis.safetensors              "<module>.U" [d_out, k], "<module>.V" [d_in, k]
                                             (several clusters: "<module>.c<j>.U" / ".V")
-    <bundle>/cores/<adapter>.safetensors    "<module>.S" [k, k] (full) or [k] (diag)
+    <bundle>/cores/<adapter>.safetensors    "cores" / "cores.q" / "cores.scale": every module's core S
+                                            ([k, k] full, [k] diag) packed (``"cores_layout":
+                                            "packed"``, ``packed_cores.py``); bundles written before
+                                            it: "<module>.S" per module (``"per-module"``)
     <bundle>/metrics.json                   per-module, per-adapter errors and SVD lower bounds
     <bundle>/signature.json                 added by ``soppu sign`` (not listed in "files")
 
@@ -21,6 +24,12 @@ m's k (default: the bundle's ``rank``, which is then the largest k), and ``modul
 plus fp16 scales ("<name>.q", "<name>.scale"; see ``quant.py``). Readers dequantize once, in
 :meth:`Bundle.bases` / :meth:`Bundle.load_cores`; bundles without these fields read as before.
 
+Sizes count bytes three ways (:class:`Sizes`): the tensors alone, the safetensors files (headers
+included), and every file ``soppu compress`` writes (safetensors files, metrics.json and
+manifest.json itself; signature.json, added later by ``soppu sign``, is not counted). The writer
+records them exactly (``file_bytes`` includes the manifest's own size: a fixed point, see
+:meth:`BundleBuilder.write`).
+
 torch is imported lazily: the manifest types serve the registry, which never loads tensors.
 """
 
@@ -34,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from soppu_client.format.errors import BundleError, InputError, VerificationError
+from soppu_client.format.file_bytes import safetensors_file_bytes
 from soppu_client.format.fsutil import file_digest, staged_dir
 from soppu_client.format.names import (
     ADAPTER_NAME_RE,
@@ -45,6 +55,17 @@ from soppu_client.format.names import (
     SIGNATURE,
     basis_key,
     core_path,
+)
+from soppu_client.format.packed_cores import (
+    CORES_LAYOUTS,
+    PACKED,
+    SCALES_KEY,
+    Segment,
+    core_segments,
+    pack_cores,
+    packed_entries,
+    scale_slices,
+    unpack_cores,
 )
 from soppu_client.format.quant import (
     ROLES,
@@ -87,6 +108,17 @@ def is_safe_relpath(rel: object) -> bool:
     """A plain relative POSIX path inside a bundle: no leading '/', no '..', '.', '' or '\\'."""
     return (isinstance(rel, str) and bool(rel) and not rel.startswith("/") and "\\" not in rel
             and not any(part in ("", ".", "..") for part in rel.split("/")))
+
+
+def stored_entries(name: str, shape: tuple[int, ...], spec: QuantSpec | None, role: str,
+                   float_dtype: str) -> ExpectedTensors:
+    """Safetensors entries storing the float tensor ``name`` of ``shape`` (role ``basis`` /
+    ``cores``): itself at ``float_dtype`` (a safetensors dtype), or its codes and scales."""
+    if spec is None:
+        return {name: (float_dtype, shape)}
+    rows, cols = matrix_view(shape, role)
+    q, s = quant_keys(name)
+    return {q: ("U8", (spec.packed_len(rows, cols),)), s: (SCALE_DTYPE, spec.scale_shape(rows, cols))}
 
 
 # --------------------------------------------------------------------------- manifest types
@@ -135,9 +167,16 @@ class Sizes:
 
     ``params_basis``: parameters of the bundle's bases (all clusters); ``basis_reused``: the basis
     was taken from another bundle (``soppu project``), so ``params_after`` (what this bundle adds)
-    is the cores alone, else bases + cores. ``param_ratio`` = before / after. ``source_bytes``:
-    the source adapters' weight files; ``tensor_bytes``: the tensors this bundle adds, as stored;
-    the byte fields are None only in bundles written before they were recorded.
+    is the cores alone, else bases + cores. ``param_ratio`` = before / after.
+
+    Bytes, each of what this bundle adds (with a reused basis, basis.safetensors is left out):
+    ``tensor_bytes`` the tensor data as stored; ``safetensors_bytes`` the safetensors files,
+    headers included; ``file_bytes`` every file ``soppu compress`` writes: the safetensors
+    files, metrics.json and manifest.json (signature.json, added by ``soppu sign``, is not
+    counted). ``source_bytes``: the source adapters' weight files; ``source_bf16_bytes``: their
+    tensors at bf16 (2 * params_before). Each ratio is source / bundle; ``bf16_byte_ratio`` is the
+    file-byte one, what ``--budget Nx`` bounds. Fields are None in bundles written before they
+    were recorded (tensor bytes only: before ``safetensors_bytes`` / ``file_bytes``).
     """
 
     params_before: int
@@ -146,12 +185,33 @@ class Sizes:
     basis_reused: bool = False
     source_bytes: int | None = None
     tensor_bytes: int | None = None
-    source_bf16_bytes: int | None = None  # the sources' tensors at bf16: 2 * params_before
+    source_bf16_bytes: int | None = None
+    safetensors_bytes: int | None = None
+    file_bytes: int | None = None
+
+    @staticmethod
+    def _ratio(a: int | None, b: int | None) -> float | None:
+        return a / b if a and b else None
+
+    @property
+    def tensor_bf16_ratio(self) -> float | None:
+        """Source tensors at bf16 / this bundle's tensor bytes (headers and JSON not counted)."""
+        return self._ratio(self.source_bf16_bytes, self.tensor_bytes)
+
+    @property
+    def safetensors_bf16_ratio(self) -> float | None:
+        """Source tensors at bf16 / this bundle's safetensors files (headers counted)."""
+        return self._ratio(self.source_bf16_bytes, self.safetensors_bytes)
+
+    @property
+    def file_bf16_ratio(self) -> float | None:
+        """Source tensors at bf16 / every file of this bundle."""
+        return self._ratio(self.source_bf16_bytes, self.file_bytes)
 
     @property
     def bf16_byte_ratio(self) -> float | None:
-        """Source tensor bytes at bf16 / this bundle's tensor bytes (what ``--budget Nx`` bounds)."""
-        return self.source_bf16_bytes / self.tensor_bytes if self.source_bf16_bytes and self.tensor_bytes else None
+        """Source tensor bytes at bf16 / this bundle's file bytes: what ``--budget Nx`` bounds."""
+        return self.file_bf16_ratio
 
     @property
     def params_after(self) -> int:
@@ -163,19 +223,31 @@ class Sizes:
 
     @property
     def byte_ratio(self) -> float | None:
-        if self.source_bytes is None or not self.tensor_bytes:
-            return None
-        return self.source_bytes / self.tensor_bytes
+        """Source adapter files / this bundle's files (file bytes against file bytes)."""
+        return self._ratio(self.source_bytes, self.file_bytes)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """``metrics.sizes`` of manifest.json: the counts, and the ratios that do not depend on
+        ``file_bytes`` (which counts manifest.json itself: a ratio of it would make the manifest's
+        size depend on a float's digits, with no fixed point; :meth:`report_json` adds them)."""
+        out = {
             "params_before": self.params_before, "params_after": self.params_after,
             "params_basis": self.params_basis, "params_cores": self.params_cores,
             "param_ratio": self.param_ratio, "basis_reused": self.basis_reused,
-            "source_bytes": self.source_bytes, "tensor_bytes": self.tensor_bytes, "byte_ratio": self.byte_ratio,
-            **({"source_bf16_bytes": self.source_bf16_bytes, "bf16_byte_ratio": self.bf16_byte_ratio}
-               if self.source_bf16_bytes is not None else {}),
+            "source_bytes": self.source_bytes, "tensor_bytes": self.tensor_bytes,
         }
+        if self.file_bytes is not None:
+            out.update(safetensors_bytes=self.safetensors_bytes, file_bytes=self.file_bytes)
+        if self.source_bf16_bytes is not None:
+            out.update(source_bf16_bytes=self.source_bf16_bytes, tensor_bf16_ratio=self.tensor_bf16_ratio)
+            if self.safetensors_bytes is not None:
+                out.update(safetensors_bf16_ratio=self.safetensors_bf16_ratio)
+        return out
+
+    def report_json(self) -> dict[str, Any]:
+        """:meth:`to_json` plus every ratio (what ``--json`` reports print)."""
+        return {**self.to_json(), "byte_ratio": self.byte_ratio, "file_bf16_ratio": self.file_bf16_ratio,
+                "bf16_byte_ratio": self.bf16_byte_ratio}
 
     @classmethod
     def from_json(cls, data: object, label: str) -> Sizes:
@@ -187,14 +259,13 @@ class Sizes:
         basis = data.get("params_basis_reused" if reused else "params_basis")
         values = {"params_before": data.get("params_before"), "params_basis": basis,
                   "params_cores": data.get("params_cores")}
+        optional = ("source_bytes", "tensor_bytes", "source_bf16_bytes", "safetensors_bytes", "file_bytes")
         bad = [k for k, v in values.items() if not _is_int(v)]
-        bad += [k for k in ("source_bytes", "tensor_bytes", "source_bf16_bytes")
-                if data.get(k) is not None and not _is_int(data[k])]
+        bad += [k for k in optional if data.get(k) is not None and not _is_int(data[k])]
         if bad:
             raise BundleError(f"{label}: `metrics.sizes.{bad[0]}` is missing or not a non-negative integer")
         return cls(**values, basis_reused=bool(data.get("basis_reused", reused)),
-                   source_bytes=data.get("source_bytes"), tensor_bytes=data.get("tensor_bytes"),
-                   source_bf16_bytes=data.get("source_bf16_bytes"))
+                   **{k: data.get(k) for k in optional})
 
 
 @dataclass(frozen=True)
@@ -240,6 +311,27 @@ class Manifest:
     """module -> its k where it differs from ``rank``"""
     quant: dict[str, dict[str, QuantSpec]] = field(default_factory=dict)
     """module -> role (``basis`` / ``cores``) -> how it is stored; absent: float at ``dtype``"""
+    cores_layout: str = "per-module"
+    """how core files hold the cores: ``packed`` (``packed_cores.py``) or ``per-module`` (absent in
+    the manifest: bundles written before ``packed``)"""
+
+    @property
+    def packed(self) -> bool:
+        return self.cores_layout == PACKED
+
+    def core_segments(self) -> list[Segment]:
+        """Where each module's core lies in a packed core file (``packed_cores.core_segments``)."""
+        return core_segments({m: self.core_shape(m) for m in self.modules},
+                             {m: self.quant_spec(m, "cores") for m in self.modules})
+
+    def is_core_file(self, rel: str) -> bool:
+        return rel in {a.core for a in self.adapters.values()}
+
+    def safetensors_bytes(self, rel: str) -> int | None:
+        """Exact size of safetensors file ``rel`` as ``BundleBuilder`` writes it (header included),
+        from the tensors this manifest implies (None for a file that holds none)."""
+        expected = self.expected_tensors(rel)
+        return None if expected is None else safetensors_file_bytes(expected, {"format": BUNDLE_FORMAT})
 
     @property
     def diag(self) -> bool:
@@ -269,11 +361,7 @@ class Manifest:
 
     def stored_tensors(self, name: str, shape: tuple[int, ...], spec: QuantSpec | None, role: str) -> ExpectedTensors:
         """Entries that store the float tensor ``name`` of ``shape``: itself, or its codes and scales."""
-        if spec is None:
-            return {name: (STORAGE_DTYPES[self.dtype], shape)}
-        rows, cols = matrix_view(shape, role)
-        q, s = quant_keys(name)
-        return {q: ("U8", (spec.packed_len(rows, cols),)), s: (SCALE_DTYPE, spec.scale_shape(rows, cols))}
+        return stored_entries(name, shape, spec, role, STORAGE_DTYPES[self.dtype])
 
     def adapter(self, name: str, label: str = "bundle") -> AdapterEntry:
         """The entry of adapter ``name``; InputError lists the adapters there are."""
@@ -294,7 +382,9 @@ class Manifest:
                     out.update(self.stored_tensors(basis_key(module, "U", c, self.clusters), (d_out, k), spec, "basis"))
                     out.update(self.stored_tensors(basis_key(module, "V", c, self.clusters), (d_in, k), spec, "basis"))
             return out
-        if rel in {a.core for a in self.adapters.values()}:
+        if self.is_core_file(rel):
+            if self.packed:
+                return packed_entries(self.core_segments(), STORAGE_DTYPES[self.dtype])
             for module in self.modules:
                 out.update(self.stored_tensors(f"{module}.S", self.core_shape(module),
                                                self.quant_spec(module, "cores"), "cores"))
@@ -310,6 +400,8 @@ class Manifest:
             "adapters": {n: a.to_json() for n, a in self.adapters.items()},
             "files": {rel: f.to_json() for rel, f in self.files.items()},
         }
+        if self.packed:
+            out["cores_layout"] = self.cores_layout
         if self.metrics is not None:
             out["metrics"] = self.metrics.to_json()
         return out
@@ -342,6 +434,8 @@ class Manifest:
             p.append(f"`rank` {data['rank']!r} is not a positive integer")
         if not _is_int(data["clusters"], 1):
             p.append(f"`clusters` {data['clusters']!r} is not a positive integer")
+        if data.get("cores_layout", CORES_LAYOUTS[0]) not in CORES_LAYOUTS:
+            p.append(f"`cores_layout` {data['cores_layout']!r} is not one of {', '.join(CORES_LAYOUTS)}")
         if data["dtype"] not in STORAGE_DTYPES:
             p.append(f"`dtype` {data['dtype']!r} is not one of {', '.join(STORAGE_DTYPES)}")
         for key in ("peft", "fit"):
@@ -359,7 +453,7 @@ class Manifest:
                    clusters=data["clusters"], modules=modules, adapters=adapters, files=files,
                    peft=data["peft"], fit=data.get("fit", {}),
                    metrics=BundleMetrics.from_json(data.get("metrics"), label), format=data["format"],
-                   ranks=ranks, quant=quant)
+                   ranks=ranks, quant=quant, cores_layout=data.get("cores_layout", CORES_LAYOUTS[0]))
 
 
 def _parse_modules(raw: object, p: list[str]
@@ -495,19 +589,26 @@ def _parse_adapters(raw: object, files: dict[str, FileEntry], clusters: object,
 
 
 class BundleBuilder:
-    """Accumulates bases and cores module by module, then writes the bundle atomically."""
+    """Accumulates bases and cores module by module, then writes the bundle atomically.
+
+    Core files are written in the packed layout (``cores_layout="packed"``, the default); the
+    per-module layout of bundles written before it stays writable (``cores_layout="per-module"``)
+    so tests can make such bundles with the same code path."""
 
     def __init__(self, names: list[str], rank: int, diag: bool, n_clusters: int, dtype: torch.dtype,
-                 reuse_basis: Path | None = None):
+                 reuse_basis: Path | None = None, cores_layout: str = PACKED):
         """``reuse_basis``: copy this basis.safetensors byte for byte instead of writing one."""
+        if cores_layout not in CORES_LAYOUTS:
+            raise InputError(f"`cores_layout` {cores_layout!r} is not one of {', '.join(CORES_LAYOUTS)}")
         self.reuse_basis = reuse_basis
         self.names = names
         self.rank = rank
         self.diag = diag
         self.n_clusters = n_clusters
         self.dtype = dtype
+        self.cores_layout = cores_layout
         self.basis: dict[str, torch.Tensor] = {}
-        self.cores: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
+        self.cores: dict[str, dict[str, torch.Tensor | QTensor]] = {n: {} for n in names}  # adapter -> module -> S
         self.shapes: dict[str, tuple[int, int]] = {}
         self.ranks: dict[str, int] = {}
         self.quant: dict[str, dict[str, QuantSpec]] = {}
@@ -535,22 +636,41 @@ class BundleBuilder:
             self._put(self.basis, basis_key(module, "U", c, self.n_clusters), U[c])
             self._put(self.basis, basis_key(module, "V", c, self.n_clusters), V[c])
         for i, name in enumerate(self.names):
-            self._put(self.cores[name], f"{module}.S", cores[i])
+            self.cores[name][module] = cores[i]
 
     def manifest_fields(self) -> dict[str, Any]:
-        """``rank`` (the largest k), per-module ``ranks`` where they differ from it, ``quant``."""
+        """``rank`` (the largest k), per-module ``ranks`` where they differ from it, ``quant``, ``cores_layout``."""
         top = max(self.ranks.values())
-        return {"rank": top, "ranks": {m: k for m, k in self.ranks.items() if k != top}, "quant": dict(self.quant)}
+        return {"rank": top, "ranks": {m: k for m, k in self.ranks.items() if k != top}, "quant": dict(self.quant),
+                "cores_layout": self.cores_layout}
+
+    def _core_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of adapter ``name``'s core file, in this builder's layout."""
+        cores = self.cores[name]
+        if self.cores_layout == PACKED:
+            shapes = {m: tuple(c.shape) for m, c in cores.items()}
+            specs = {m: c.spec if isinstance(c, QTensor) else None for m, c in cores.items()}
+            return pack_cores(core_segments(shapes, specs), cores, self.dtype)
+        out: dict[str, torch.Tensor] = {}
+        for module, value in cores.items():
+            self._put(out, f"{module}.S", value)
+        return out
 
     def tensor_bytes(self) -> int:
         """Bytes of tensor payload this bundle adds (basis unless reused, all cores), as stored."""
-        tensors = [*self.basis.values(), *(t for c in self.cores.values() for t in c.values())]
+        tensors = [*self.basis.values(), *(t for n in self.names for t in self._core_tensors(n).values())]
         return int(sum(t.numel() * t.element_size() for t in tensors))
 
     def write(self, out: Path, manifest: Manifest, *, extra_files: dict[str, bytes] | None = None,
               force: bool = False) -> Manifest:
         """Write basis, cores, ``extra_files`` and ``manifest`` (with every file's digest filled
-        in) to ``out`` all-or-nothing; return the manifest as written."""
+        in) to ``out`` all-or-nothing; return the manifest as written.
+
+        With metrics, the manifest's ``sizes`` get ``safetensors_bytes`` and ``file_bytes`` of
+        what this bundle adds (a reused basis is not counted). ``file_bytes`` includes
+        manifest.json itself: n = listed files + len(manifest naming n). The manifest's length
+        depends on n only through its digits (no ratio of it is stored), so iterating from 0
+        rises to the fixed point in a few rounds."""
         from safetensors.torch import save_file
 
         with staged_dir(out, force=force) as tmp:
@@ -559,8 +679,8 @@ class BundleBuilder:
                 shutil.copyfile(self.reuse_basis, tmp / BASIS)
             else:
                 save_file(self.basis, str(tmp / BASIS), metadata={"format": BUNDLE_FORMAT})
-            for name, tensors in self.cores.items():
-                save_file(tensors, str(tmp / core_path(name)), metadata={"format": BUNDLE_FORMAT})
+            for name in self.names:
+                save_file(self._core_tensors(name), str(tmp / core_path(name)), metadata={"format": BUNDLE_FORMAT})
             for rel, data in (extra_files or {}).items():
                 (tmp / rel).write_bytes(data)
             files = {}
@@ -568,7 +688,21 @@ class BundleBuilder:
                 digest, size = file_digest(tmp / rel)
                 files[rel] = FileEntry(sha256=digest, size=size)
             manifest = replace(manifest, files=files)
-            (tmp / MANIFEST).write_text(canonical_dumps(manifest.to_json()), encoding="utf-8")
+            text = canonical_dumps(manifest.to_json())
+            if manifest.metrics is not None:
+                reused = manifest.metrics.sizes.basis_reused  # the basis is another bundle's: not counted
+                counted = {rel: f.size for rel, f in files.items() if not (rel == BASIS and reused)}
+                st = sum(size for rel, size in counted.items() if rel.endswith(".safetensors"))
+                total, seen = sum(counted.values()), 0
+                while True:
+                    sizes = replace(manifest.metrics.sizes, safetensors_bytes=st, file_bytes=total + seen)
+                    manifest = replace(manifest, metrics=replace(manifest.metrics, sizes=sizes))
+                    text = canonical_dumps(manifest.to_json())
+                    n = len(text.encode("utf-8"))
+                    if n == seen:
+                        break
+                    seen = n
+            (tmp / MANIFEST).write_text(text, encoding="utf-8")
         return manifest
 
 
@@ -699,8 +833,14 @@ def _quantized_entries(manifest: Manifest, rel: str) -> Iterator[tuple[str, str,
             yield module, f"{module}.S", "cores", manifest.core_shape(module), spec
 
 
+def _packed_core_file(manifest: Manifest, rel: str) -> bool:
+    return manifest.packed and manifest.is_core_file(rel)
+
+
 def scale_tensor_names(manifest: Manifest, rel: str) -> list[str]:
     """Names of the scale tensors file ``rel`` holds (none for a bundle without quantization)."""
+    if _packed_core_file(manifest, rel):
+        return [SCALES_KEY] if any(s.spec for s in manifest.core_segments()) else []
     return [quant_keys(name)[1] for _m, name, _r, _s, _q in _quantized_entries(manifest, rel)]
 
 
@@ -710,7 +850,15 @@ def check_scales(manifest: Manifest, rel: str, tensors: dict[str, Any], label: s
     import numpy as np
 
     problems = []
-    for module, name, role, _shape, _spec in _quantized_entries(manifest, rel):
+    if _packed_core_file(manifest, rel):
+        if SCALES_KEY in tensors:
+            t = tensors[SCALES_KEY]
+            scales = t.float().numpy() if hasattr(t, "float") else np.asarray(t)
+            problems = [f"module `{seg.module}`: `{SCALES_KEY}`[{seg.scale_offset}:{seg.scale_offset + seg.scale_size}]"
+                        f" (cores scales) {why}" for seg, x in scale_slices(manifest.core_segments(), scales)
+                        if (why := scale_problem(x))]
+    for module, name, role, _shape, _spec in ([] if _packed_core_file(manifest, rel)
+                                              else _quantized_entries(manifest, rel)):
         key = quant_keys(name)[1]
         if key not in tensors:
             continue  # presence, dtype and shape are validate_safetensors' (expected_tensors)
@@ -725,9 +873,12 @@ def check_scales(manifest: Manifest, rel: str, tensors: dict[str, Any], label: s
 
 
 def dequantize_file(manifest: Manifest, rel: str, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``raw`` with each quantized tensor's codes + scales replaced by its float32 values."""
+    """``raw`` with each quantized tensor's codes + scales replaced by its float32 values; a packed
+    core file unpacked to ``{"<module>.S": tensor}`` (the per-module layout's names)."""
     import torch
 
+    if _packed_core_file(manifest, rel):
+        return unpack_cores(manifest.core_segments(), raw)
     out = dict(raw)
     for _module, name, role, shape, spec in _quantized_entries(manifest, rel):
         q, s = quant_keys(name)

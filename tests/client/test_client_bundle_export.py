@@ -14,6 +14,7 @@ from soppu_client.format.bundle import Bundle, export_peft
 from soppu_client.compress import CompressConfig
 from soppu_client.compress.pipeline import compress_adapters
 from soppu_client.format.errors import AdapterValidationError, InputError, VerificationError
+from tests.client.bundle_files import read_cores
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,9 @@ def test_bundle_layout_and_digests(bundle_dir):
     with safe_open(str(bundle_dir / "basis.safetensors"), "pt") as f:
         assert f.get_slice("model.layers.0.self_attn.v_proj.U").get_shape() == [192, 6]
         assert f.get_slice("model.layers.0.self_attn.v_proj.V").get_shape() == [576, 6]
-    with safe_open(str(bundle_dir / "cores/beta.safetensors"), "pt") as f:
-        assert f.get_slice("model.layers.0.self_attn.q_proj.S").get_shape() == [6, 6]
+    with safe_open(str(bundle_dir / "cores/beta.safetensors"), "pt") as f:  # packed: one float tensor
+        assert list(f.keys()) == ["cores"] and f.get_slice("cores").get_shape() == [len(m.modules) * 36]
+    assert read_cores(bundle_dir, "beta")["model.layers.0.self_attn.q_proj.S"].shape == (6, 6)
     assert m.metrics.summary["error_definition"].startswith("unsquared relative Frobenius")
 
 
@@ -70,13 +72,14 @@ def test_export_matches_hand_applied_update_on_smollm2(smollm2, bundle_dir, tmp_
     peft_model.unload()
     assert (peft_logits - base_logits).abs().max() > 1e-2  # the adapter changes the output
     # by hand: W += U S V.T from the bundle files read with the safetensors library
-    with safe_open(str(bundle_dir / "basis.safetensors"), "pt") as fb, safe_open(str(bundle_dir / "cores/beta.safetensors"), "pt") as fc:
+    cores = read_cores(bundle_dir, "beta")
+    with safe_open(str(bundle_dir / "basis.safetensors"), "pt") as fb:
         saved = {}
         with torch.no_grad():
             for module in bundle.modules:
                 lin = model.get_submodule(module)
                 saved[module] = lin.weight.detach().clone()
-                U, V, S = fb.get_tensor(f"{module}.U"), fb.get_tensor(f"{module}.V"), fc.get_tensor(f"{module}.S")
+                U, V, S = fb.get_tensor(f"{module}.U"), fb.get_tensor(f"{module}.V"), cores[f"{module}.S"].float()
                 lin.weight += U @ S @ V.T
             hand_logits = model(**ids).logits
             for module, w in saved.items():
@@ -113,10 +116,10 @@ def test_diag_bundle_export_round_trip(peft_adapters, tmp_path):
     bundle = Bundle.open(out)
     assert bundle.diag
     exported = export_peft(bundle, "alpha", tmp_path / "alpha-diag")
-    with safe_open(str(exported / "adapter_model.safetensors"), "pt") as f, safe_open(str(out / "basis.safetensors"), "pt") as fb, safe_open(str(out / "cores/alpha.safetensors"), "pt") as fc:
+    with safe_open(str(exported / "adapter_model.safetensors"), "pt") as f, safe_open(str(out / "basis.safetensors"), "pt") as fb:
         m = "model.layers.3.self_attn.q_proj"
         B = f.get_tensor(f"base_model.model.{m}.lora_B.weight")
-        expected = fb.get_tensor(f"{m}.U") @ torch.diag(fc.get_tensor(f"{m}.S"))
+        expected = fb.get_tensor(f"{m}.U") @ torch.diag(read_cores(out, "alpha")[f"{m}.S"].float())
         np.testing.assert_allclose(B.numpy(), expected.numpy(), rtol=1e-6, atol=1e-7)
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from tests.conftest_bundles import BASE_MODEL
+from tests.client.bundle_files import read_cores
 from tests.registry.regkit import Registry, Server
 
 from soppu_client.cli import cli
@@ -167,8 +168,8 @@ def test_export_compressed_form(peft_adapters, tmp_path):
         basis = load_file(str(out / "basis.safetensors"))
         cores = load_file(str(out / "cores.safetensors"))
         assert set(basis) == {f"{m}.{s}" for m in manifest["modules"] for s in ("U", "V")}
-        bundle_cores = load_file(str(bundle / "cores" / f"{name}.safetensors"))
-        assert set(cores) == set(bundle_cores) and all(torch.equal(cores[k], bundle_cores[k]) for k in cores)
+        bundle_cores = read_cores(bundle, name)  # the packed core file, read from the format spec
+        assert set(cores) == set(bundle_cores) and all(torch.equal(cores[k].double(), bundle_cores[k]) for k in cores)
         peft_dir = tmp_path / f"{name}-p"
         run("export", bundle, name, "-o", peft_dir)
         peft = load_file(str(peft_dir / "adapter_model.safetensors"))

@@ -23,6 +23,7 @@ from soppu_client.format.bundle import Bundle, export_peft
 from soppu_client.format.compressed_form import export_compressed, load_compressed
 from soppu_client.format.errors import BundleError, SafetensorsFormatError
 from soppu_client.verify import verify_weights
+from tests.client.bundle_files import read_cores
 
 MODULE = "model.layers.1.self_attn.q_proj"
 
@@ -56,7 +57,7 @@ def _stored(bundle_dir: Path, module: str, adapter: str) -> tuple[np.ndarray, np
             return f.get_tensor(name).double().numpy()
 
     return (read(basis, f"{module}.U", (d_out, k), "basis"), read(basis, f"{module}.V", (d_in, k), "basis"),
-            read(core, f"{module}.S", (k, k), "cores"))
+            read_cores(bundle_dir, adapter)[f"{module}.S"].numpy())
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,9 @@ def test_budget_bundle_has_mixed_ranks_within_budget(budget_bundle: Path) -> Non
     ks = {m.module_rank(x) for x in m.modules}
     assert len(ks) > 1 and max(ks) == m.rank <= 8
     plan = m.fit["storage"]
-    assert m.metrics.sizes.tensor_bytes <= plan["budget_bytes"] == m.metrics.sizes.source_bf16_bytes // 12
+    sizes = m.metrics.sizes
+    assert sizes.tensor_bytes < sizes.safetensors_bytes < sizes.file_bytes <= plan["budget_bytes"]
+    assert plan["budget_bytes"] == sizes.source_bf16_bytes // 12 and sizes.bf16_byte_ratio >= 12
     assert {plan["modules"][x]["k"] for x in m.modules} == ks
     raw = json.loads((budget_bundle / "manifest.json").read_text())
     small = next(x for x in m.modules if m.module_rank(x) < m.rank)
@@ -190,18 +193,20 @@ def _tamper(src: Path, dst: Path, rel: str, change) -> Path:
 
 
 def test_malformed_scales_are_rejected_naming_module_and_field(q4_bundle: Path, tmp_path) -> None:
-    key = f"{MODULE}.S.scale"
+    key = "cores.scale"  # packed core file: every module's core scales in one tensor
+    seg = next(s for s in Bundle.open(q4_bundle).manifest.core_segments() if s.module == MODULE)
+    where = rf"`{key}`\[{seg.scale_offset}:{seg.scale_offset + seg.scale_size}\]"
 
     def zero(t):
         t[key] = t[key].copy()
-        t[key][0, 0] = 0
+        t[key][seg.scale_offset + 1] = 0
 
     def negative(t):
         t[key] = -t[key]
 
     def nan(t):
         t[key] = t[key].copy()
-        t[key][0, 0] = np.nan
+        t[key][seg.scale_offset] = np.nan
 
     def wrong_dtype(t):
         t[key] = t[key].astype(np.float32)
@@ -211,8 +216,8 @@ def test_malformed_scales_are_rejected_naming_module_and_field(q4_bundle: Path, 
 
     rel = "cores/beta.safetensors"
     for change, err, msg in [
-        (zero, BundleError, rf"module `{MODULE}`: `{key}` \(cores scales\) has 1 zero or negative entries"),
-        (negative, BundleError, rf"`{key}` \(cores scales\) has \d+ zero or negative entries \(scales must be > 0\)"),
+        (zero, BundleError, rf"module `{MODULE}`: {where} \(cores scales\) has 1 zero or negative entries"),
+        (negative, BundleError, rf"{where} \(cores scales\) has \d+ zero or negative entries \(scales must be > 0\)"),
         (nan, SafetensorsFormatError, r"non-finite|NaN"),
         (wrong_dtype, SafetensorsFormatError, rf"tensor `{key}` has dtype F32, expected F16"),
         (wrong_shape, SafetensorsFormatError, rf"`{key}`"),
@@ -238,7 +243,7 @@ def test_cli_reports_ranks_bits_and_ratios(peft_adapters, tmp_path) -> None:
     assert plan["budget"] == "10x" and len(plan["modules"]) == 60
     assert payload["metrics"]["sizes"]["bf16_byte_ratio"] >= 10
     text = CliRunner().invoke(cli_main, [*args, "--force"]).output
-    assert "bytes vs the sources at bf16:" in text and "k  basis bits  core bits  modules" in text
+    assert "bytes vs the sources at bf16 (" in text and "k  basis bits  core bits  modules" in text
     bad = CliRunner().invoke(cli_main, [*args[:-2], "--force", "--budget", "10 bananas", "--json"])
     assert bad.exit_code == 2 and "is neither a ratio like 9x nor a size like 2MB" in bad.output
 

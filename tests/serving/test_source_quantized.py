@@ -53,7 +53,7 @@ def _bad_copy(bundle: Path, dst: Path, adapter: str) -> tuple[Path, str]:
     (dst / "signature.json").unlink(missing_ok=True)
     rel = f"cores/{adapter}.safetensors"
     tensors = load_file(str(dst / rel))
-    key = sorted(k for k in tensors if k.endswith(".S.scale"))[0]
+    key = "cores.scale"  # a packed core file: every module's core scales in one tensor
     tensors[key] = np.zeros_like(tensors[key])
     save_file(tensors, str(dst / rel))
     data = (dst / rel).read_bytes()
@@ -74,7 +74,7 @@ def test_registry_refuses_signed_bundle_with_malformed_scales(published, quantiz
                    "--no-progress", "--json")
     msg = str(e.value)
     assert "bad_safetensors" in msg and "cores/qz1.safetensors has malformed quantization scales" in msg
-    assert f"`{key}` (cores scales) has" in msg and "zero or negative entries" in msg
+    assert f"`{key}`[" in msg and "(cores scales) has" in msg and "zero or negative entries" in msg
     assert srckit.version_record(reg, "qz1")["version"] == 1  # nothing published
 
 
@@ -162,5 +162,5 @@ def test_source_refuses_signed_bundle_with_malformed_scales(published, quantized
                 SoppuModelSource("alice/qz1", api_token=reg.serving_token).download_model_assets()
             msg = str(e.value)
             assert "alice/qz1" in msg and "malformed quantization scales" in msg, msg
-            assert f"`{key}` (cores scales) has" in msg and "zero or negative entries" in msg
+            assert f"`{key}`[" in msg and "(cores scales) has" in msg and "zero or negative entries" in msg
     assert srckit.cache_files(source_env) == []  # nothing verified-but-bad entered the cache
