@@ -9,16 +9,18 @@ rename. Per (bundle size, form):
   another in one process (one session, as an engine holds it), after one warm-up request of
   another adapter of the same bundle: so the manifest, the basis and (compressed form) the
   cluster's served basis are already cached, as they are for every adapter but the first of a
-  bundle on a serving host; the warm-up's own time is reported as ``cold_first_ms``;
-* ``warm``: the same adapters again, each a new request (every request asks the registry:
-  ``SOPPU_RESOLVE_TTL=0``), once the files are out of the racy window of the cache's stamps;
+  bundle on a serving host; the warm-up's own time is reported as ``cold_first_ms``. Settings are
+  the defaults (``SOPPU_RESOLVE_TTL`` 5 s: the owner's keys are looked up once per 5 s);
+* ``warm``: the same adapters again, each a new request, after ``SOPPU_RESOLVE_TTL`` (default 5 s)
+  has passed, so each asks the registry again (record and owner keys);
 * ``peft_write_ms`` (PEFT rows): writing the expanded adapter file's bytes to a new file and
   fsyncing it, the floor any PEFT materialization pays.
 
 Bundles: ``--bundle-adapters`` sizes, Mistral-7B shapes (``--layers`` 32, q_proj 4096x4096 and
 v_proj 1024x4096, k ``--rank`` 16), made by ``soppu compress`` from synthetic rank-``--adapter-rank``
-adapters sharing one subspace per module, signed, uploaded with ``soppu upload`` (batch publish)
-to a real ``soppu-registry serve`` on 127.0.0.1. ``--work DIR`` keeps the bundles between runs.
+adapters sharing one subspace per module (up to ``--compress-max`` adapters; larger bundles keep
+that basis and get random cores, :func:`widen_bundle`), signed, uploaded with ``soppu upload``
+(batch publish) to a real ``soppu-registry serve`` on 127.0.0.1. ``--work DIR`` keeps the bundles.
 
     python benchmarks/source_latency.py --bundle-adapters 10,1000 --json [--samples 30]
 
@@ -89,11 +91,16 @@ def make_adapters(root: Path, n: int, layers: int, rank: int, shared: int, seed:
 
 
 def bundle_for(work: Path, n: int, args: argparse.Namespace) -> tuple[Path, float]:
-    """The compressed bundle of ``n`` adapters (made once per ``--work`` dir); (path, seconds to make it)."""
+    """The compressed bundle of ``n`` adapters (made once per ``--work`` dir); (path, seconds to make it).
+    Above ``--compress-max`` adapters: the ``--compress-max`` bundle widened (:func:`widen_bundle`)."""
     bundle = work / f"bundle-{n}-L{args.layers}-k{args.rank}"
     if (bundle / "manifest.json").is_file():
         return bundle, 0.0
     t0 = time.perf_counter()
+    if n > args.compress_max:
+        small, _ = bundle_for(work, args.compress_max, args)
+        widen_bundle(small, n, bundle, seed=args.seed)
+        return bundle, time.perf_counter() - t0
     adapters = make_adapters(work / f"adapters-{n}-L{args.layers}", n, args.layers, args.adapter_rank, args.rank)
     tmp = bundle.with_name(bundle.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -103,6 +110,54 @@ def bundle_for(work: Path, n: int, args: argparse.Namespace) -> tuple[Path, floa
     if not args.keep_adapters:
         shutil.rmtree(work / f"adapters-{n}-L{args.layers}", ignore_errors=True)
     return bundle, time.perf_counter() - t0
+
+
+def widen_bundle(small: Path, n: int, out: Path, seed: int = 0) -> Path:
+    """A bundle of ``n`` adapters on ``small``'s basis: ``small``'s basis file, manifest fields and
+    metrics layout, and ``n`` random cores of its shapes (what is measured is the serving side, not
+    the fit; a 1000-adapter ``soppu compress`` at 32 layers takes an hour on a busy 2-core host).
+    Checked with ``Bundle.open(verify_digests=True)`` here and by the registry's publish checks."""
+    from safetensors import safe_open
+
+    from soppu_client.format.bundle import Bundle
+    from soppu_client.format.fsutil import file_digest
+
+    rng = np.random.default_rng(seed)
+    manifest = json.loads((small / "manifest.json").read_text())
+    metrics = json.loads((small / "metrics.json").read_text())
+    template = sorted(manifest["adapters"])[0]
+    with safe_open(str(small / manifest["adapters"][template]["core"]), "np") as f:
+        shapes = {k: f.get_tensor(k).shape for k in f.keys()}
+        meta = f.metadata()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "cores").mkdir(parents=True)
+    shutil.copyfile(small / "basis.safetensors", tmp / "basis.safetensors")
+    names = [f"user{j:04d}" for j in range(n)]
+    files = {k: v for k, v in manifest["files"].items() if not k.startswith("cores/")}
+    adapters, summary = {}, {}
+    for name in names:
+        core = f"cores/{name}.safetensors"
+        save_file({k: (0.3 * rng.standard_normal(shape)).astype(np.float32) for k, shape in shapes.items()},
+                  str(tmp / core), metadata=meta)
+        digest, size = file_digest(tmp / core)
+        files[core] = {"sha256": digest, "size": size}
+        adapters[name] = {**manifest["adapters"][template], "core": core}
+        summary[name] = manifest["metrics"]["summary"]["adapters"][template]
+    for module in metrics["modules"]:
+        for field in ("error", "lower_bound"):
+            if isinstance(module.get(field), dict):
+                module[field] = {name: next(iter(module[field].values())) for name in names}
+    (tmp / "metrics.json").write_text(json.dumps(metrics, sort_keys=True, separators=(",", ":")))
+    digest, size = file_digest(tmp / "metrics.json")
+    files["metrics.json"] = {"sha256": digest, "size": size}
+    manifest["adapters"], manifest["files"] = adapters, dict(sorted(files.items()))
+    manifest["metrics"]["summary"]["adapters"] = summary
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    Bundle.open(tmp, verify_digests=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
 
 
 def start_registry(tmp: Path) -> tuple[subprocess.Popen, str, str, Path, str]:
@@ -160,13 +215,13 @@ def measure(url: str, token: str, names: list[str], cache: Path, form: str, samp
             scratch: Path) -> dict[str, Any]:
     from soppu_serving import AdapterRef, Session, Settings
 
-    session = Session(Settings(registry_url=url, cache_dir=cache, serve_format=form, resolve_ttl=0,
-                               registry_retries=0))
+    session = Session(Settings(registry_url=url, cache_dir=cache, serve_format=form, registry_retries=0))
     rng = random.Random(seed)
     first, *rest = rng.sample(names, min(len(names), samples + 1))
     t0 = time.perf_counter()
     session.serve(AdapterRef(OWNER, first), token)
     cold_first = time.perf_counter() - t0
+    time.sleep(2.5)  # a serving host's steady state: the bundle's manifest and basis stored a while ago
     cold, warm, floor, requests_, verifications, downloaded = [], [], [], [], [], []
     for name in rest:
         t0 = time.perf_counter()
@@ -179,7 +234,7 @@ def measure(url: str, token: str, names: list[str], cache: Path, form: str, samp
         downloaded.append(served.stats.bytes_downloaded)
         if form == "peft":
             floor.append(write_floor(served.path / "adapter_model.safetensors", scratch))
-    time.sleep(2.5)  # past the stamps' racy window: warm hits prove files with one lstat each
+    time.sleep(session.settings.resolve_ttl + 0.5)  # every warm request asks the registry again
     for name in rest:
         t0 = time.perf_counter()
         served = session.serve(AdapterRef(OWNER, name), token)
@@ -212,6 +267,8 @@ def main() -> None:
     ap.add_argument("--adapter-rank", type=int, default=2, help="rank of the synthetic source adapters")
     ap.add_argument("--max-iter", type=int, default=3, help="compress iterations (the fit's quality is not measured)")
     ap.add_argument("--samples", type=int, default=30, help="adapters requested per bundle size and form")
+    ap.add_argument("--compress-max", type=int, default=10,
+                    help="bundles above this many adapters: that bundle's basis with random cores (widen_bundle)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="dir that keeps the bundles between runs")
     ap.add_argument("--keep-adapters", action="store_true", help="keep the synthetic adapter dirs in --work")

@@ -29,6 +29,7 @@ most its signed size within ``download_deadline`` seconds (:class:`RegistryClien
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from datetime import datetime, timezone
@@ -40,7 +41,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from soppu_client.format import signing
-from soppu_client.format.bundle import Bundle
+from soppu_client.format.bundle import Bundle, Manifest
 from soppu_client.format.fsutil import link_or_copy, staged_dir
 from soppu_client.format.names import BASIS, HEX64_RE, MANIFEST
 from soppu_client.format.errors import (BundleError, InputError, RegistryError, SignatureError, SoppuError,
@@ -107,6 +108,7 @@ class Fetched:
     reused: list[str] = field(default_factory=list)  # bundle paths taken from ``reuse``
     bytes_downloaded: int = 0
     fresh: dict[str, Path] = field(default_factory=dict)  # sha256 -> file this call downloaded (under ``dir``)
+    typed: Manifest | None = None  # the checked manifest
 
     @property
     def statement(self) -> dict[str, Any]:
@@ -277,7 +279,8 @@ def fetch_verified(client: RegistryClient, target: AdapterRef | str | VersionRec
                    files: Sequence[str], dest: str | os.PathLike[str], *, public_key: Ed25519PublicKey | None = None,
                    trusted_keys: str | os.PathLike[str] | None = None, reuse: Reuse | None = None,
                    adapter: str | None = None, subject: str = "adapter",
-                   explain: Explain | None = None) -> Fetched:
+                   explain: Explain | None = None,
+                   checked: MutableMapping[tuple[str, str], Manifest] | None = None) -> Fetched:
     """Resolve, verify and download manifest.json plus ``files`` (bundle paths) into ``dest``.
 
     ``dest`` is a staging dir the caller owns (created if absent; on an error it may hold partial
@@ -286,6 +289,12 @@ def fetch_verified(client: RegistryClient, target: AdapterRef | str | VersionRec
     downloaded. The manifest must list every file of ``files`` with its signed digest and size,
     the signed base model and (given) ``adapter``. ``subject`` starts every error message
     (``"<subject> owner/name@version: ..."``).
+
+    ``checked`` (kept by the caller): manifests already checked, by (manifest.json sha256, signed
+    statement's digest). ``check_manifest``'s verdict depends only on those two (the statement's
+    adapters equal the manifest's, and the statement covers ``adapter`` and ``files``: checked
+    before any byte is written), so on a hit manifest.json is neither fetched nor parsed again and
+    ``Fetched.typed`` is the checked manifest (``Fetched.manifest`` stays empty).
     """
     if isinstance(target, VerifiedVersion):
         verified = target
@@ -296,6 +305,16 @@ def fetch_verified(client: RegistryClient, target: AdapterRef | str | VersionRec
     label = verified.label
     needed = [MANIFEST, *(rel for rel in files if rel != MANIFEST)]
     entries = verified.entries(needed)  # before any byte is written
+    if adapter is not None and adapter not in verified.statement["adapters"]:
+        raise VerificationError(f"{label}: the signed statement does not cover adapter {adapter!r}")
+    key, typed = None, None
+    if checked is not None:
+        statement_digest = verified.record.signature_sha256 or \
+            hashlib.sha256(signing.canonical_json(verified.statement)).hexdigest()
+        key = (entries[0]["sha256"], statement_digest)
+        typed = checked.get(key)
+    if typed is not None:
+        needed, entries = needed[1:], entries[1:]
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     result = Fetched(verified, dest, manifest={})
@@ -320,11 +339,15 @@ def fetch_verified(client: RegistryClient, target: AdapterRef | str | VersionRec
             result.bytes_downloaded += size
             result.fresh[sha256] = out
         placed.setdefault(sha256, out)
-    try:
-        result.manifest = json.loads((dest / MANIFEST).read_bytes())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BundleError(f"{label}: manifest.json is not valid JSON ({e})") from None
-    signing.check_manifest(result.manifest, verified.statement, label, needed[1:], adapter=adapter)
+    if typed is None:
+        try:
+            result.manifest = json.loads((dest / MANIFEST).read_bytes())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BundleError(f"{label}: manifest.json is not valid JSON ({e})") from None
+        typed = signing.check_manifest(result.manifest, verified.statement, label, needed[1:], adapter=adapter)
+        if checked is not None and key is not None:
+            checked[key] = typed
+    result.typed = typed
     return result
 
 

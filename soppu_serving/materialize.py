@@ -130,6 +130,7 @@ class Memo:
     def __init__(self, max_bases: int = 2):
         self.derived: dict[tuple[str, int], dict[str, Any]] = {}
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self.checked: dict[tuple[str, str], Manifest] = {}  # fetch_verified's checked manifests
         self._bases: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._max = max_bases
         self.lock = threading.Lock()
@@ -145,8 +146,12 @@ class Memo:
         with self.lock:
             return self._manifests.get(sha256)
 
-    def keep_manifest(self, sha256: str, manifest: Manifest) -> None:
+    def keep_manifest(self, sha256: str, manifest: Manifest | None) -> None:
+        if manifest is None:
+            return
         with self.lock:
+            if len(self.checked) > 256:
+                self.checked.clear()
             self._manifests[sha256] = manifest
             while len(self._manifests) > 64:
                 self._manifests.popitem(last=False)
@@ -212,7 +217,8 @@ def build(verified: VerifiedVersion, client: RegistryClient, explain: Explain, c
             cache.store_blob(path, digest)
         if derived is not None:
             _share_basis(cache, out / BASIS_FILE, derived["sha256"], derived["size"])
-        fsync_tree(out)
+        # No fsync: a crash may leave a partial dir or blob, but no process trusts the disk it did
+        # not prove (a new process rebuilds and compares, blobs are re-hashed once per process).
         install(cache, out, final, stage / "old", label, stats, known)
 
 
@@ -235,10 +241,12 @@ def _export(verified: VerifiedVersion, client: RegistryClient, explain: Explain,
             derived = None
     files = [core] if known_basis is not None or derived is not None else [BASIS, core]
     fetched = fetch_verified(client, verified, files, stage / "bundle", reuse=cache.cached_blob, adapter=name,
-                             explain=explain)
-    if manifest is None:
-        manifest = Manifest.from_json(fetched.manifest, f"{verified.label} manifest.json")
-        memo.keep_manifest(manifest_sha, manifest)
+                             explain=explain, checked=memo.checked)
+    for rel in fetched.reused:  # a hard link changed the blob's ctime: stamp it again (proven just before)
+        sha = verified.entries([rel])[0]["sha256"]
+        cache.stamps.remember(cache.blob_path(sha), sha, ours=True)
+    manifest = fetched.typed
+    memo.keep_manifest(manifest_sha, manifest)
     if BASIS not in files:
         fetched.reused.append(BASIS)  # held by this session: the basis of that digest, verified before
     bundle = Bundle(path=fetched.dir, manifest=manifest)
@@ -251,7 +259,9 @@ def _export(verified: VerifiedVersion, client: RegistryClient, explain: Explain,
     out.mkdir()
     if derived is not None:
         write_compressed_files(bundle, name, out, basis=derived)
-        link_or_copy(cache.blob_path(derived["sha256"]), out / BASIS_FILE)
+        blob = cache.blob_path(derived["sha256"])
+        link_or_copy(blob, out / BASIS_FILE)
+        cache.stamps.remember(blob, derived["sha256"], ours=True)  # proven just before; the link changed its ctime
         return fetched, None, {BASIS_FILE: derived["sha256"]}
     written = write_compressed_files(bundle, name, out)["basis"]
     entry = {"sha256": written["sha256"], "size": written["size"]}
@@ -290,8 +300,7 @@ def install(cache: Cache, out: Path, final: Path, trash: Path, label: str, stats
         os.replace(final, trash)  # a real dir (is_complete checked): the rename moves it, no symlink followed
     elif os.path.lexists(final):
         os.replace(final, trash) if os.path.isdir(final) and not os.path.islink(final) else os.unlink(final)
-    os.replace(out, final)  # the dir appears complete, or not at all
-    fsync_dir(final.parent)
+    os.replace(out, final)  # the dir appears complete, or not at all (not fsynced: see build)
     for n in cache.file_names:  # written here, moved in: an unchanged identity proves them
         cache.stamps.remember(final / n, known.get(n), ours=True)
     stats.materialized = True
