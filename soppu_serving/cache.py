@@ -149,10 +149,17 @@ class Stamps:
         if sha256 is None and not keep:
             self.forget(path)
             return
+        ident = self.identity(st) if keep else None
         with self._lock:
             if len(self._known) >= 1 << 16:
                 self._known.clear()
-            self._known[str(path)] = (self.identity(st) if keep else None, sha256 or "")
+            if ours and ident is not None:
+                # A hard link this process made changed the inode's ctime: every path of that inode
+                # it had proven holds the same bytes, so it takes the new identity too.
+                for other, (old, digest) in list(self._known.items()):
+                    if old is not None and old[:2] == ident[:2] and digest == (sha256 or digest):
+                        self._known[other] = (ident, digest)
+            self._known[str(path)] = (ident, sha256 or "")
 
     def proven(self, path: Path) -> bool:
         """Whether ``path`` is provably what this process stamped: its identity unchanged, else
