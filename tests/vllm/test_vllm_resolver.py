@@ -115,3 +115,56 @@ def test_unknown_adapter_is_vllms_404(served: Served) -> None:
     assert r.status_code == 404, r.text
     assert r.json()["error"]["type"] == "NotFoundError"
     assert served.server.alive()
+
+
+# -- the resolver in-process under vLLM's environment (one session, counted per request) -----------
+
+def _worker(served: Served, settings: dict, requests_: list[str], base_model: str) -> dict:
+    import json
+    import subprocess
+
+    python = vllmkit.vllm_python()
+    proc = subprocess.run([str(python), "-m", "tests.vllm.resolver_worker",
+                           json.dumps({"settings": settings, "base_model": base_model, "requests": requests_})],
+                          capture_output=True, text=True, timeout=600, cwd=vllmkit.REPO)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_each_vllm_request_verifies_once_over_one_pooled_connection(served: Served, tmp_path) -> None:
+    from tests.serving.counting import Counting
+
+    reg = served.registry
+    with Counting(reg.url) as proxy:
+        settings = {"registry_url": proxy.url, "registry_token": reg.serving_token, "cache_dir": str(tmp_path / "c"),
+                    "served_base_model": srckit.BASE_MODEL, "resolve_ttl": 60}
+        out = _worker(served, settings, ["alice/first_name", "alice/initials", "alice/first_name"], "/model")
+        rows = out["results"]
+        assert [r.get("lora_path") is not None for r in rows] == [True, True, True], rows
+        # One statement verification per request, warm or cold (by Ed25519 the first time this process
+        # sees the bundle's signed bytes, then by its verdict on the same bytes).
+        assert [r["verifications"] for r in rows] == [1, 1, 1]
+        assert [r["signature_checks"] for r in rows] == [1, 0, 0]
+        # Cold: record, signature document, keys, manifest, basis, core; the second adapter: record,
+        # core; warm: nothing (the record reused within the TTL).
+        assert [r["registry_requests"] for r in rows] == [6, 2, 0]
+        assert [r["warm"] for r in rows] == [False, False, True]
+        connections, requests_seen = proxy.snapshot()
+        assert requests_seen == 8 and connections == 1, (connections, proxy.requests)
+
+
+def test_a_refused_base_model_raises_no_mark_and_a_file_cache_dir_is_named(served: Served, tmp_path) -> None:
+    reg = served.registry
+    cache = tmp_path / "c"
+    settings = {"registry_url": reg.url, "registry_token": reg.serving_token, "cache_dir": str(cache)}
+    rows = _worker(served, settings, ["alice/initials", "alice/uppercase@1"], "/some/other/model")["results"]
+    assert [r["status"] for r in rows] == [400, 400]
+    assert "was made for base model 'HuggingFaceTB/SmolLM2-135M-Instruct', but this server serves " \
+           "'/some/other/model'" in rows[0]["message"]
+    assert srckit.cache_files(cache) == []  # no rollback mark, nothing downloaded
+    file = tmp_path / "file"
+    file.write_text("x")
+    out = _worker(served, {**settings, "cache_dir": str(file)}, [], "/m")
+    assert out == {"init_error": {"type": "InputError", "message": (
+        f"the soppu cache {file} (SOPPU_CACHE_DIR) is not a directory; point SOPPU_CACHE_DIR at a directory "
+        "(created if absent) or remove that file")}}
