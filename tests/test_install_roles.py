@@ -42,8 +42,8 @@ def registry_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     py = venv / "bin" / "python"
     # A venv's own setuptools builds the editable install without fetching one, if it is new enough
     # (bdist_wheel is built into setuptools since 70.1).
-    has_setuptools = _run([str(py), "-c", "import setuptools as s, sys; sys.exit(int(s.__version__.split('.')[0]) < 71)"]
-                          ).returncode == 0
+    new_enough = "import setuptools as s, sys; sys.exit(int(s.__version__.split('.')[0]) < 71)"
+    has_setuptools = _run([str(py), "-c", new_enough]).returncode == 0
     pip = [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     if has_setuptools:
         pip.append("--no-build-isolation")

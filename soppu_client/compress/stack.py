@@ -76,7 +76,9 @@ class FactorStack:
 
     def subset(self, index: list[int]) -> "FactorStack":
         idx = torch.as_tensor(index, dtype=torch.long)
-        pick = (lambda t: None if t is None else t[idx])
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx]
+
         return FactorStack(self.A[idx], self.Bt[idx], self.weights[idx], self.sq_norms[idx],
                            pick(self.gram_A), pick(self.gram_B))
 

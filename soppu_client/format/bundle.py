@@ -40,7 +40,7 @@ import json
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, TypeGuard, cast
 
 from soppu_client.format.errors import BundleError, InputError, VerificationError
 from soppu_client.format.file_bytes import safetensors_file_bytes
@@ -96,7 +96,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
     if name not in STORAGE_DTYPES:
         raise InputError(f"dtype `{name}` is not one of {', '.join(STORAGE_DTYPES)}")
-    return getattr(torch, name)
+    return cast("torch.dtype", getattr(torch, name))
 
 
 def canonical_dumps(obj: Any) -> str:
@@ -104,7 +104,7 @@ def canonical_dumps(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def is_safe_relpath(rel: object) -> bool:
+def is_safe_relpath(rel: object) -> TypeGuard[str]:
     """A plain relative POSIX path inside a bundle: no leading '/', no '..', '.', '' or '\\'."""
     return (isinstance(rel, str) and bool(rel) and not rel.startswith("/") and "\\" not in rel
             and not any(part in ("", ".", "..") for part in rel.split("/")))
@@ -257,15 +257,15 @@ class Sizes:
             raise BundleError(f"{label}: `metrics.sizes` is not an object")
         reused = "params_basis_reused" in data and "params_basis" not in data
         basis = data.get("params_basis_reused" if reused else "params_basis")
-        values = {"params_before": data.get("params_before"), "params_basis": basis,
+        values: dict[str, Any] = {"params_before": data.get("params_before"), "params_basis": basis,
                   "params_cores": data.get("params_cores")}
         optional = ("source_bytes", "tensor_bytes", "source_bf16_bytes", "safetensors_bytes", "file_bytes")
         bad = [k for k, v in values.items() if not _is_int(v)]
         bad += [k for k in optional if data.get(k) is not None and not _is_int(data[k])]
         if bad:
             raise BundleError(f"{label}: `metrics.sizes.{bad[0]}` is missing or not a non-negative integer")
-        return cls(**values, basis_reused=bool(data.get("basis_reused", reused)),
-                   **{k: data.get(k) for k in optional})
+        extra: dict[str, Any] = {k: data.get(k) for k in optional}
+        return cls(**values, basis_reused=bool(data.get("basis_reused", reused)), **extra)
 
 
 @dataclass(frozen=True)
@@ -480,7 +480,7 @@ def _parse_modules(raw: object, p: list[str]
             continue
         specs = {role: QuantSpec.parse(v, f"module `{module}` quant.{role}", p) for role, v in q.items()}
         if specs and all(specs.values()):
-            quant[module] = specs
+            quant[module] = cast("dict[str, QuantSpec]", specs)  # all() above: no None
     return out, ranks, quant
 
 

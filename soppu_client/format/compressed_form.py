@@ -153,7 +153,7 @@ def check_compressed_file(adapter_dir: Path, entry: dict) -> Path:
 
     Raises CompressedAdapterError when it is missing or its size or sha256 differs from the entry.
     """
-    path = adapter_dir / entry["file"]
+    path: Path = adapter_dir / entry["file"]
     if not path.is_file():
         raise CompressedAdapterError(f"compressed adapter {adapter_dir}: {entry['file']} is missing")
     digest, size = file_digest(path)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -84,7 +84,7 @@ class QuantSpec:
         if type(group) is not int or not 1 <= group <= 1 << 20:
             p.append(f"{where}: `group_size` {group!r} is not a positive integer (at most 1048576)")
             ok = False
-        return cls(bits, group) if ok else None
+        return cls(cast(int, bits), cast(int, group)) if ok else None
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:

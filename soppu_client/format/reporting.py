@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from soppu_client.format.errors import SoppuError
+
+T = TypeVar("T")
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 
@@ -50,12 +52,13 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-def progress(desc: str, quiet: bool = False):
+def progress(desc: str, quiet: bool = False) -> Callable[[Iterable[T]], Iterable[T]]:
     """A tqdm wrapper factory on stderr, shown only on a terminal."""
     from tqdm import tqdm
 
-    def wrap(items):
-        return tqdm(items, desc=desc, unit="module" if "module" in desc else "it", disable=True if quiet else None,
-                    file=sys.stderr, leave=False)
+    def wrap(items: Iterable[T]) -> Iterable[T]:
+        shown: Iterable[T] = tqdm(items, desc=desc, unit="module" if "module" in desc else "it",
+                                  disable=True if quiet else None, file=sys.stderr, leave=False)
+        return shown
 
     return wrap

@@ -28,7 +28,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Mapping
 
 import numpy as np
 
@@ -62,7 +62,7 @@ _TENSOR_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 _MAX_DIM = 2**63 - 1
 _CHUNK_BYTES = 16 * 1024 * 1024
 
-ExpectedTensors = dict[str, tuple[str | None, tuple[int, ...]]]
+ExpectedTensors = Mapping[str, tuple[str | None, tuple[int, ...]]]
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def _validate_source(src: _BytesSource | _FileSource, label: str, expected: Expe
 
 
 def _header_len(src: _BytesSource | _FileSource) -> int:
-    return struct.unpack("<Q", src.read(0, 8))[0]
+    return int(struct.unpack("<Q", src.read(0, 8))[0])
 
 
 def _read_header(src: _BytesSource | _FileSource, label: str, file_size: int, cap: int) -> dict:

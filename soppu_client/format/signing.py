@@ -192,6 +192,7 @@ def _public_from_bytes(data: bytes, label: str) -> Ed25519PublicKey:
     if len(data) == 32 and not data.lstrip().startswith(b"-----"):
         return Ed25519PublicKey.from_public_bytes(data)
     stripped = data.strip()
+    key: object
     try:
         if stripped.startswith(b"-----BEGIN"):
             key = serialization.load_pem_public_key(stripped)

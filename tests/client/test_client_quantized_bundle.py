@@ -48,7 +48,7 @@ def _stored(bundle_dir: Path, module: str, adapter: str) -> tuple[np.ndarray, np
     k = meta.get("rank", m["rank"])
     d_out, d_in = meta["shape"]
     q = meta.get("quant", {})
-    basis, core = bundle_dir / "basis.safetensors", bundle_dir / f"cores/{adapter}.safetensors"
+    basis = bundle_dir / "basis.safetensors"
 
     def read(path, name, shape, role):
         if role in q:

@@ -25,7 +25,7 @@ import requests
 
 from tests.serving import srckit
 from tests.vllm import vllmkit
-from tests.vllm.conftest import EXAMPLES, MAX_TOKENS, STOP_IDS, _peft_greedy, strip_stop
+from tests.vllm.conftest import EXAMPLES, MAX_TOKENS, _peft_greedy, strip_stop
 
 OTHER = ("repeat_word", "snake_case", "swap_name", "reverse_words")
 REFERENCE_ADAPTER, N_REFERENCE = "uppercase", 8
