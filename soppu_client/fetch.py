@@ -161,7 +161,7 @@ def resolve_version(client: RegistryClient, ref: AdapterRef | str, *, subject: s
     if problem is not None:
         raise RegistryError(f"{subject} {ref}: the registry at {client.base_url} answered a malformed version record: "
                             f"{problem}", code="bad_record")
-    return VersionRecord(ref, version, sig, record, subject, sig_sha256)
+    return VersionRecord(ref, version, sig, record, subject, sig_sha256)  # type: ignore[arg-type]  # checked above
 
 
 def _show(value: Any) -> str:

@@ -121,9 +121,8 @@ def _read_available(raw: Any, n: int) -> bytes:
     checked between network reads, however slowly the server sends). urllib3 >= 2 has ``read1``;
     urllib3 1.26 (LoRAX's pin) lacks it, so there the underlying ``http.client`` response's ``read1``
     is used (bodies are refused unless their Content-Encoding is identity, so nothing is decoded)."""
-    if hasattr(raw, "read1"):
-        return raw.read1(n, decode_content=False)
-    return raw._fp.read1(n)
+    data: bytes = raw.read1(n, decode_content=False) if hasattr(raw, "read1") else raw._fp.read1(n)
+    return data
 
 
 class RegistryClient:
@@ -409,7 +408,7 @@ class RegistryClient:
 
     def list_versions(self, owner: str, name: str) -> list[int]:
         path = f"/v1/adapters/{quote(owner)}/{quote(name)}/versions"
-        versions = self.read_json("GET", path, fields={"versions": list})[1]["versions"]
+        versions: list[int] = self.read_json("GET", path, fields={"versions": list})[1]["versions"]
         if not all(type(v) is int for v in versions):
             raise RegistryError(f"GET {self.base_url}{path}: the registry's answer has no valid `versions` (expected "
                                 "a list of integers)", code="bad_response", url=self.base_url + path)
@@ -418,7 +417,7 @@ class RegistryClient:
     def get_keys(self, owner: str) -> list[dict[str, Any]]:
         """The owner's keys; RegistryError ``bad_response`` unless a list of objects."""
         path = f"/v1/keys/{quote(owner)}"
-        keys = self.read_json("GET", path, fields={"keys": list})[1]["keys"]
+        keys: list[dict[str, Any]] = self.read_json("GET", path, fields={"keys": list})[1]["keys"]
         if not all(isinstance(k, dict) for k in keys):
             raise RegistryError(f"GET {self.base_url}{path}: the registry's answer has no valid `keys` (expected a "
                                 "list of objects)", code="bad_response", url=self.base_url + path)
@@ -434,7 +433,8 @@ class RegistryClient:
 
     def get_bases(self, base_model: str) -> list[dict[str, Any]]:
         path = f"/v1/bases/{quote(base_model, safe='/')}"
-        return self.read_json("GET", path, fields={"bases": list})[1]["bases"]
+        bases: list[dict[str, Any]] = self.read_json("GET", path, fields={"bases": list})[1]["bases"]
+        return bases
 
     # -- the upload flow ---------------------------------------------------------------------
     def upload_bundle(self, bundle_dir: Path, *, verify_local: bool = True, progress: bool = False,
@@ -453,7 +453,7 @@ class RegistryClient:
                 raise SignatureError(f"{bundle_dir / SIGNATURE} has no `public_key`")
             st = signing.verify_bundle(bundle_dir, embedded.encode())
         else:
-            st = doc.get("statement")
+            st = doc.get("statement")  # type: ignore[assignment]  # checked just below
             if not isinstance(st, dict) or not isinstance(st.get("files"), list):
                 raise SignatureError(f"{bundle_dir / SIGNATURE} has no statement with `files`")
         result = UploadResult(owner=st["owner"], version=st["version"], base_model=st.get("base_model", ""))

@@ -249,7 +249,7 @@ def _export(verified: VerifiedVersion, client: RegistryClient, explain: Explain,
     memo.keep_manifest(manifest_sha, manifest)
     if BASIS not in files:
         fetched.reused.append(BASIS)  # held by this session: the basis of that digest, verified before
-    bundle = Bundle(path=fetched.dir, manifest=manifest)
+    bundle = Bundle(path=fetched.dir, manifest=manifest)  # type: ignore[arg-type]  # manifest.json was fetched
     if cache.form == "peft":
         if known_basis is not None:
             bundle._basis = known_basis  # validated when first loaded from the verified blob of that digest

@@ -153,7 +153,8 @@ class _TTL:
 def _raw(pub: Any) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw: bytes = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return raw
 
 
 def _token_key(token: str | None) -> str:
@@ -163,7 +164,7 @@ def _token_key(token: str | None) -> str:
 class _CountingSession(requests.Session):
     """A pooled ``requests.Session`` that counts each request into the running serve's stats."""
 
-    def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:
         stats = _counter.get()
         if stats is not None:
             stats.registry_requests += 1
@@ -245,7 +246,7 @@ class Session:
     def resolve(self, ref: AdapterRef, token: str | None) -> VersionRecord:
         """Step 1: the version record of ``ref`` (reused ``resolve_ttl`` seconds per token)."""
         key = (str(ref), _token_key(token))
-        hit = self._records.get(key)
+        hit: VersionRecord | None = self._records.get(key)
         if hit is not None:
             return hit
         client = self.client(token)

@@ -192,4 +192,5 @@ def _number(value: Any, kind: type) -> int | float | None:
         return None
     if not isinstance(number, (int, float)) or number != number:
         return None
-    return kind(number)
+    result: int | float = kind(number)
+    return result

@@ -3,7 +3,8 @@
 - ``lint-imports`` holds the one-way arrows of docs/ARCHITECTURE.md (contracts in pyproject.toml),
   and breaking one on purpose (in a copy of the packages) makes it fail, naming the contract;
 - ``ruff check`` passes with the project's config (line length 120);
-- ``mypy`` passes on the trusted core (``soppu_client/format``, strict but for bare generics).
+- ``mypy`` passes on the trusted core and the serving side (``soppu_client/format``, ``soppu_serving``;
+  strict but for bare generics).
 
 The tools run as subprocesses from this venv's bin directory, as CI would run them.
 """
@@ -88,9 +89,9 @@ def test_ruff_check_passes() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_mypy_core_passes() -> None:
+def test_mypy_core_and_serving_pass() -> None:
     files = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["files"]
-    assert "soppu_client/format" in files, files
+    assert "soppu_client/format" in files and "soppu_serving" in files, files
     r = subprocess.run([_tool("mypy"), "--no-incremental"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Success: no issues found" in r.stdout, r.stdout
