@@ -41,7 +41,7 @@ import torch
 from soppu_client.format.bundle import Bundle, Manifest, export_peft
 from soppu_client.format.compressed_form import BASIS_FILE, write_compressed_files
 from soppu_client.format.errors import BundleError, InputError, RegistryError, SoppuError, VerificationError
-from soppu_client.format.fsutil import file_digest, fsync_dir, fsync_tree, link_or_copy
+from soppu_client.format.fsutil import file_digest, link_or_copy
 from soppu_client.format.names import BASIS, MANIFEST, SOURCE_MARKER_FORMAT, core_path
 from soppu_client.registry_client import RegistryClient
 
