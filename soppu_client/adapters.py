@@ -161,7 +161,8 @@ def _inspect_adapter(name: str, path: Path, problems: list[str]) -> AdapterInfo 
         pair = factors[module]
         missing = [w for w in ("A", "B") if w not in pair]
         if missing:
-            problems.append(f"{where}: module `{module}` has no lora_{missing[0]} weight (lora_A/lora_B must come in pairs)")
+            problems.append(f"{where}: module `{module}` has no lora_{missing[0]} weight "
+                            "(lora_A/lora_B must come in pairs)")
             continue
         (ka, sa), (kb, sb) = pair["A"], pair["B"]
         if len(sa) != 2 or len(sb) != 2 or sa[0] != sb[1]:

@@ -45,7 +45,8 @@ def weight_table(summary: dict) -> str:
 
 
 def layer_table(summary: dict) -> str:
-    rows = [[r["layer"], r["module_type"], r["mean_error"], r["max_error"], r["mean_lower_bound"]] for r in summary["layers"]]
+    rows = [[r["layer"], r["module_type"], r["mean_error"], r["max_error"], r["mean_lower_bound"]]
+            for r in summary["layers"]]
     return table(["layer", "module", "mean error", "max error", "svd bound"], rows, "rlrrr")
 
 

@@ -42,7 +42,8 @@ class RegistryState:
 
     @classmethod
     def open(cls, config: RegistryConfig) -> RegistryState:
-        return cls(config, Storage(config.data_dir, database=config.database, blobs=config.blobs), RateLimiter(config.rate, config.burst), SafetensorsChecker(),
+        return cls(config, Storage(config.data_dir, database=config.database, blobs=config.blobs),
+                   RateLimiter(config.rate, config.burst), SafetensorsChecker(),
                    FailureLimiter(config.max_auth_failures, config.max_address_auth_failures))
 
     @property

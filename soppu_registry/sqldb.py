@@ -115,7 +115,8 @@ class SqliteDatabase:
         return str(self.read("PRAGMA integrity_check")[0][0])
 
     def has_table(self, db: Tx, table: str) -> bool:
-        return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone() is not None
+        row = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+        return row is not None
 
 
 class Row(tuple):  # noqa: SLOT001

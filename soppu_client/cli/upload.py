@@ -42,7 +42,8 @@ def upload(bundle: Path, registry: str, token: str, retries: int, jobs: int, pro
         client = RegistryClient(registry, token, retries=retries)
         res = client.upload_bundle(bundle, jobs=jobs, progress=sys.stderr.isatty() if progress is None else progress)
         emit(as_json, {"registry": client.base_url, **res.as_dict()},
-             "\n".join(f"published {res.owner}/{name}@{res.version} ({status})" for name, status in res.adapters.items()))
+             "\n".join(f"published {res.owner}/{name}@{res.version} ({status})"
+                       for name, status in res.adapters.items()))
         if not as_json:
             click.echo(f"{len(res.uploaded)} file(s) uploaded ({res.bytes_uploaded} bytes), "
                        f"{len(res.skipped)} already on the registry", err=True)

@@ -95,7 +95,8 @@ class CompressConfig:
             raise InputError(f"`calibration` should be auto or none, but the value passed is {self.calibration!r}")
         for field_name in ("calibration_output_power", "calibration_input_power", "calibration_damping"):
             if not (getattr(self, field_name) >= 0):
-                raise InputError(f"`{field_name}` should be >= 0, but the value passed is {getattr(self, field_name)!r}")
+                raise InputError(f"`{field_name}` should be >= 0, but the value passed is "
+                                 f"{getattr(self, field_name)!r}")
 
     @property
     def quantized(self) -> bool:

@@ -364,8 +364,9 @@ def stored_modules(collection, config, fitted, storage, plan: dict, *, json_byte
     budget = parse_budget(config.budget, 2 * params_before)
     fixed = fixed_bytes(names, float_dtype, max_core) + json_bytes
     if fixed >= budget:
-        raise InputError(f"`--budget` of {budget:,} bytes does not even hold the bundle's fixed files ({fixed:,} bytes: "
-                         "manifest.json, metrics.json and the safetensors headers); allow more bytes")
+        raise InputError(f"`--budget` of {budget:,} bytes does not even hold the bundle's fixed files "
+                         f"({fixed:,} bytes: manifest.json, metrics.json and the safetensors headers); "
+                         "allow more bytes")
     picks = allocate(options, budget - fixed)
     chosen = [opts[i] for opts, i in zip(options, picks)]
     exact = planned_safetensors_bytes({m: (*dims[m], c.k, c.basis_bits, c.core_bits) for m, c in zip(ordered, chosen)},

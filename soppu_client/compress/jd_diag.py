@@ -11,9 +11,10 @@ by alternating exact least squares (the CP / PARAFAC ALS updates, computed on fa
 (* is the elementwise product, S = [s_1; ...; s_N] is N x k, W = diag(w)). Each update minimizes E
 exactly in its block, so E never increases. Columns of U and V are rescaled to unit norm after
 each step (scale moves into s). After each sweep a line search extrapolates U, V along the
-sweep's step and keeps the result only when E is lower (Bro's acceleration of ALS). Initialised from the HOSVD bases; with one adapter this is already
-its truncated SVD. Stops when a sweep lowers the weighted unsquared error e = sqrt(E / T),
-T = sum_i w_i ||dW_i||^2, by less than ``tol * e`` (JD-Full's rule).
+sweep's step and keeps the result only when E is lower (Bro's acceleration of ALS). Initialised
+from the HOSVD bases; with one adapter this is already its truncated SVD. Stops when a sweep
+lowers the weighted unsquared error e = sqrt(E / T), T = sum_i w_i ||dW_i||^2, by less than
+``tol * e`` (JD-Full's rule).
 """
 
 from __future__ import annotations

@@ -93,8 +93,8 @@ class SoppuLinearMixin:
         self._soppu_kind: list[str | None] = [None] * max_loras
         self._soppu_raw = False
         dtype = self.lora_a_stacked[0].dtype
-        self._soppu_slices = [SliceCores(max_loras, self.input_size, size, lora_config.max_lora_rank, dtype, self.device)
-                              for size in self._soppu_output_slices()]
+        self._soppu_slices = [SliceCores(max_loras, self.input_size, size, lora_config.max_lora_rank, dtype,
+                                         self.device) for size in self._soppu_output_slices()]
 
     def _soppu_output_slices(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.output_slices)

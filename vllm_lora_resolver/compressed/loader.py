@@ -104,7 +104,8 @@ def _bases_of(config: dict, adapter_dir: Path, dtype: torch.dtype) -> dict[str, 
                 try:
                     U, V = tensors[f"{m}.U"], tensors[f"{m}.V"]
                 except KeyError as e:
-                    raise CompressedLoadError(f"compressed adapter {adapter_dir}: basis.safetensors lacks {e.args[0]}") from None
+                    raise CompressedLoadError(f"compressed adapter {adapter_dir}: basis.safetensors lacks "
+                                              f"{e.args[0]}") from None
                 basis = SoppuBasis(f"{digest}:{m}", m, U.to(dtype).contiguous(), V.to(dtype).contiguous())
                 _bases[(digest, m, dtype)] = basis
             out[m] = basis
