@@ -280,7 +280,8 @@ def fetch_verified(client: RegistryClient, target: AdapterRef | str | VersionRec
                    trusted_keys: str | os.PathLike[str] | None = None, reuse: Reuse | None = None,
                    adapter: str | None = None, subject: str = "adapter",
                    explain: Explain | None = None,
-                   checked: MutableMapping[tuple[str, str], Manifest] | None = None) -> Fetched:
+                   checked: MutableMapping[tuple[str, str], Manifest] | None = None,
+                   accept: Callable[[Manifest], None] | None = None) -> Fetched:
     """Resolve, verify and download manifest.json plus ``files`` (bundle paths) into ``dest``.
 
     ``dest`` is a staging dir the caller owns (created if absent; on an error it may hold partial
@@ -295,6 +296,9 @@ def fetch_verified(client: RegistryClient, target: AdapterRef | str | VersionRec
     adapters equal the manifest's, and the statement covers ``adapter`` and ``files``: checked
     before any byte is written), so on a hit manifest.json is neither fetched nor parsed again and
     ``Fetched.typed`` is the checked manifest (``Fetched.manifest`` stays empty).
+
+    manifest.json comes down and is checked first; ``accept(manifest)`` (the host's own limits)
+    then runs before any other file is fetched, and raises to refuse.
     """
     if isinstance(target, VerifiedVersion):
         verified = target
@@ -319,7 +323,8 @@ def fetch_verified(client: RegistryClient, target: AdapterRef | str | VersionRec
     dest.mkdir(parents=True, exist_ok=True)
     result = Fetched(verified, dest, manifest={})
     placed: dict[str, Path] = {}  # sha256 -> a file of this call already under dest
-    for rel, entry in zip(needed, entries):
+
+    def place(rel: str, entry: dict[str, Any]) -> None:
         sha256, size, out = entry["sha256"], int(entry["size"]), dest / rel
         out.parent.mkdir(parents=True, exist_ok=True)
         local = placed.get(sha256) or (reuse(sha256, size) if reuse is not None else None)
@@ -339,7 +344,9 @@ def fetch_verified(client: RegistryClient, target: AdapterRef | str | VersionRec
             result.bytes_downloaded += size
             result.fresh[sha256] = out
         placed.setdefault(sha256, out)
-    if typed is None:
+
+    if typed is None:  # manifest.json first: checked before any tensor comes down
+        place(needed[0], entries[0])
         try:
             result.manifest = json.loads((dest / MANIFEST).read_bytes())
         except (ValueError, UnicodeDecodeError) as e:
@@ -347,6 +354,11 @@ def fetch_verified(client: RegistryClient, target: AdapterRef | str | VersionRec
         typed = signing.check_manifest(result.manifest, verified.statement, label, needed[1:], adapter=adapter)
         if checked is not None and key is not None:
             checked[key] = typed
+        needed, entries = needed[1:], entries[1:]
+    if accept is not None:
+        accept(typed)
+    for rel, entry in zip(needed, entries):
+        place(rel, entry)
     result.typed = typed
     return result
 

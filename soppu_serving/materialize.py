@@ -186,9 +186,26 @@ def one_torch_thread() -> Iterator[None]:
                 torch.set_num_threads(before)
 
 
+def check_served_rank(manifest: Manifest, max_rank: int, label: str) -> None:
+    """Refuse a bundle any of whose modules has k > ``max_rank`` (``SOPPU_MAX_SERVED_RANK``).
+
+    What a host materializes per adapter is sum_m k_m (d_out + d_in): bounded by the core on the
+    wire only through k, since the basis is shared by design. Capping k bounds it relative to the
+    base model's own dimensions. Runs on the verified manifest, before any tensor is fetched."""
+    over = sorted((m, manifest.module_rank(m)) for m in manifest.modules if manifest.module_rank(m) > max_rank)
+    if over:
+        more = f" and {len(over) - 3} more" if len(over) > 3 else ""
+        listed = ", ".join(f"{m} (k={k})" for m, k in over[:3]) + more
+        raise VerificationError(
+            f"{label}: refused: module {listed} exceeds this host's rank limit SOPPU_MAX_SERVED_RANK={max_rank} "
+            f"(one adapter would become {manifest.served_params():,} parameters); compress with --rank {max_rank} "
+            "or less, or raise SOPPU_MAX_SERVED_RANK on this host")
+
+
 def build(verified: VerifiedVersion, client: RegistryClient, explain: Explain, cache: Cache, final: Path,
-          stats: FetchStats, memo: Memo | None = None) -> None:
-    """Fetch, validate and export one version into staging, store its blobs, install the dir."""
+          stats: FetchStats, memo: Memo | None = None, max_rank: int | None = None) -> None:
+    """Fetch, validate and export one version into staging, store its blobs, install the dir.
+    ``max_rank``: :func:`check_served_rank` on the manifest before any tensor is fetched."""
     memo = memo or Memo()
     record, label = verified.record, verified.label
     name = record.ref.name
@@ -203,7 +220,8 @@ def build(verified: VerifiedVersion, client: RegistryClient, explain: Explain, c
         out = stage / cache.form
         try:
             with one_torch_thread():
-                fetched, derived, known = _export(verified, client, explain, cache, stage, out, memo, basis_sha)
+                fetched, derived, known = _export(verified, client, explain, cache, stage, out, memo, basis_sha,
+                                                  max_rank)
         except (BundleError, InputError, VerificationError) as e:
             if isinstance(e, CacheError) or str(e).startswith(label):
                 raise
@@ -223,7 +241,8 @@ def build(verified: VerifiedVersion, client: RegistryClient, explain: Explain, c
 
 
 def _export(verified: VerifiedVersion, client: RegistryClient, explain: Explain, cache: Cache, stage: Path,
-            out: Path, memo: Memo, basis_sha: str) -> tuple[Any, dict[str, Any] | None, dict[str, str]]:
+            out: Path, memo: Memo, basis_sha: str,
+            max_rank: int | None = None) -> tuple[Any, dict[str, Any] | None, dict[str, str]]:
     """Fetch what the form needs and write it into ``out``; (what fetch_verified did, the served
     basis entry to share for a compressed dir written with its basis, else None; digests of the
     files of ``out`` already known)."""
@@ -241,7 +260,9 @@ def _export(verified: VerifiedVersion, client: RegistryClient, explain: Explain,
             derived = None
     files = [core] if known_basis is not None or derived is not None else [BASIS, core]
     fetched = fetch_verified(client, verified, files, stage / "bundle", reuse=cache.cached_blob, adapter=name,
-                             explain=explain, checked=memo.checked)
+                             explain=explain, checked=memo.checked,
+                             accept=None if max_rank is None else
+                             (lambda m: check_served_rank(m, max_rank, verified.label)))
     for rel in fetched.reused:  # a hard link changed the blob's ctime: stamp it again (proven just before)
         sha = verified.entries([rel])[0]["sha256"]
         cache.stamps.remember(cache.blob_path(sha), sha, ours=True)

@@ -320,7 +320,8 @@ class Session:
                 try:
                     with cache.version_lock(ref.owner, ref.name, record.version, timeout=lock_timeout):
                         if not (cache.is_complete(final) and check_handed(cache, final)):
-                            build(verified, client, self._explain(ref, client), cache, final, stats, self.memo)
+                            build(verified, client, self._explain(ref, client), cache, final, stats, self.memo,
+                              self.settings.max_served_rank)
                 except Timeout:
                     raise RegistryError(f"{verified.label}: timed out after {lock_timeout:.0f}s waiting for another "
                                         "process to materialize it", code="lock_timeout") from None
@@ -356,7 +357,8 @@ class Session:
                 client = self.client(token)
                 with cache.version_lock(ref.owner, ref.name, record.version):
                     if not (cache.is_complete(final) and check_handed(cache, final)):
-                        build(verified, client, self._explain(ref, client), cache, final, stats, self.memo)
+                        build(verified, client, self._explain(ref, client), cache, final, stats, self.memo,
+                              self.settings.max_served_rank)
             self._accept(verified)
         finally:
             _counter.reset(reset)

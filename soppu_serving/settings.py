@@ -23,6 +23,10 @@
                             HuggingFaceTB/SmolLM2-135M-Instruct) that the engine serves under another
                             name, e.g. a local model dir; bundles naming it are accepted (the vLLM
                             resolver; default: only bundles naming the served model path itself)
+    SOPPU_MAX_SERVED_RANK   largest k of any module a host materializes (default 128): checked on
+                            the verified manifest before any tensor is downloaded, so one adapter
+                            never becomes more than 128 (d_out + d_in) parameters per module of the
+                            base model it targets, however small its core was on the wire
     SOPPU_RESOLVE_TTL       seconds a version lookup (and the registry's key) is reused within a
                             process (default 5); the signature and the expiry are checked again on
                             every resolution, warm or cold
@@ -67,7 +71,10 @@ _ENV = {
     "download_deadline": "SOPPU_DOWNLOAD_DEADLINE",
     "resolve_ttl": "SOPPU_RESOLVE_TTL",
     "served_base_model": "SOPPU_SERVED_BASE_MODEL",
+    "max_served_rank": "SOPPU_MAX_SERVED_RANK",
 }
+
+MAX_SERVED_RANK = 128
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,7 @@ class Settings:
     download_deadline: float = DOWNLOAD_DEADLINE
     resolve_ttl: float = 5.0
     served_base_model: str | None = None
+    max_served_rank: int = MAX_SERVED_RANK
 
     def __post_init__(self) -> None:
         url = self.registry_url
@@ -113,6 +121,11 @@ class Settings:
             raise InputError(f"SOPPU_REGISTRY_MAX_JSON_BYTES={self.max_json_bytes!r} must be an integer number of "
                              f"bytes >= 1024 (default {MAX_JSON_BYTES})")
         self._set("max_json_bytes", cap)
+        rank = _number(self.max_served_rank, int)
+        if rank is None or rank < 1:
+            raise InputError(f"SOPPU_MAX_SERVED_RANK={self.max_served_rank!r} must be an integer >= 1 "
+                             f"(default {MAX_SERVED_RANK})")
+        self._set("max_served_rank", rank)
         for name, positive in (("registry_timeout", True), ("download_deadline", True), ("resolve_ttl", False)):
             raw = getattr(self, name)
             value = _number(raw, float)

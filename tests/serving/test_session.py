@@ -102,6 +102,32 @@ def test_engine_check_runs_before_any_download_and_a_refusal_leaves_no_mark(publ
         assert served.version == 1 and mark.is_file()
 
 
+def test_rank_beyond_the_host_limit_is_refused_before_any_tensor_comes_down(published, tmp_path: Path) -> None:
+    """Issue 19 finding 8: a tiny core on a shared basis may expand to k (d_out + d_in) parameters
+    per module; the host caps k (SOPPU_MAX_SERVED_RANK) on the verified manifest, before the basis
+    or the core is fetched, and a refusal leaves nothing behind."""
+    reg = published.registry
+    manifest_sha = next(f["sha256"] for f in srckit.version_record(reg, "ad1")["files"] if f["path"] == "manifest.json")
+    assert Settings().max_served_rank == 128  # the default
+    cache = tmp_path / "cache"
+    with Counting(reg.url) as proxy:
+        session = _session(proxy.url, cache, max_served_rank=4)  # the published bundle has k = 8
+        with pytest.raises(SoppuError) as e:
+            session.serve("alice/ad1", reg.serving_token)
+        message = str(e.value)
+        assert message.startswith("soppu adapter alice/ad1@1: refused: module ")
+        assert "(k=8)" in message and "exceeds this host's rank limit SOPPU_MAX_SERVED_RANK=4" in message
+        assert message.endswith("compress with --rank 4 or less, or raise SOPPU_MAX_SERVED_RANK on this host")
+        blobs = [p for _, p in proxy.requests if p.startswith("/v1/blobs/")]
+        assert blobs == [f"/v1/blobs/sha256:{manifest_sha}"]  # the manifest only: no basis, no core
+        assert srckit.cache_files(cache) == []  # no mark, no key, no blob
+        # Non-vacuous: at k's own value the same version is served.
+        served = _session(proxy.url, cache, max_served_rank=8).serve("alice/ad1", reg.serving_token)
+        assert served.version == 1 and served.stats.materialized
+    with pytest.raises(InputError, match="SOPPU_MAX_SERVED_RANK='0' must be an integer >= 1"):
+        Settings.from_env({"SOPPU_MAX_SERVED_RANK": "0"})
+
+
 def test_a_cache_dir_that_is_a_file_is_a_clear_error(published, tmp_path: Path) -> None:
     file = tmp_path / "not-a-dir"
     file.write_text("x")
