@@ -31,12 +31,13 @@ wording, for engine glue that has no place of its own to keep it).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -296,17 +297,39 @@ class Session:
         self.keys.accept(ref.owner, verified.record.signature)
 
     # -- the one entry point ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _request(self, ref: AdapterRef | str, token: str | None,
+                 form: str | None) -> Iterator[tuple[AdapterRef, str | None, Cache, FetchStats]]:
+        """One request's (ref, token, cache, stats); registry requests and checks made inside it are
+        counted in its stats. ``token`` None: ``SOPPU_REGISTRY_TOKEN``."""
+        ref = AdapterRef.parse(ref) if isinstance(ref, str) else ref
+        token = token if token is not None else self.settings.registry_token
+        stats = FetchStats()
+        reset = _counter.set(stats)
+        try:
+            yield ref, token, self.cache_for(form or self.form), stats
+        finally:
+            _counter.reset(reset)
+
+    def _build(self, ref: AdapterRef, token: str | None, verified: VerifiedVersion, cache: Cache, final: Path,
+               stats: FetchStats, lock_timeout: float) -> None:
+        """Materialize ``final`` under its version lock (``lock_timeout`` s, -1: wait forever), unless
+        another process did meanwhile."""
+        client = self.client(token)
+        try:
+            with cache.version_lock(ref.owner, ref.name, verified.record.version, timeout=lock_timeout):
+                if not (cache.is_complete(final) and check_handed(cache, final)):
+                    build(verified, client, self._explain(ref, client), cache, final, stats, self.memo,
+                          self.settings.max_served_rank)
+        except Timeout:
+            raise RegistryError(f"{verified.label}: timed out after {lock_timeout:.0f}s waiting for another "
+                                "process to materialize it", code="lock_timeout") from None
+
     def serve(self, ref: AdapterRef | str, token: str | None = None, *, check: EngineCheck | None = None,
               form: str | None = None, lock_timeout: float = 600.0) -> Served:
         """Resolve, verify (once), run ``check``, materialize ``ref`` in ``form`` (default: the
         session's); returns the :class:`Served` dir. ``token`` None: ``SOPPU_REGISTRY_TOKEN``."""
-        if isinstance(ref, str):
-            ref = AdapterRef.parse(ref)
-        token = token if token is not None else self.settings.registry_token
-        cache = self.cache_for(form or self.form)
-        stats = FetchStats()
-        reset = _counter.set(stats)
-        try:
+        with self._request(ref, token, form) as (ref, token, cache, stats):
             record = self.resolve(ref, token)
             verified = self.verify(ref, record, token)
             if check is not None:
@@ -316,33 +339,17 @@ class Session:
                 check_cached(cache, final, verified)
                 stats.warm = check_handed(cache, final)
             if not stats.warm:
-                client = self.client(token)
-                try:
-                    with cache.version_lock(ref.owner, ref.name, record.version, timeout=lock_timeout):
-                        if not (cache.is_complete(final) and check_handed(cache, final)):
-                            build(verified, client, self._explain(ref, client), cache, final, stats, self.memo,
-                              self.settings.max_served_rank)
-                except Timeout:
-                    raise RegistryError(f"{verified.label}: timed out after {lock_timeout:.0f}s waiting for another "
-                                        "process to materialize it", code="lock_timeout") from None
+                self._build(ref, token, verified, cache, final, stats, lock_timeout)
             self._accept(verified)
             if ref.version is None:
                 cache.set_latest(ref.owner, ref.name, record.version)
-        finally:
-            _counter.reset(reset)
         return Served(final, cache.form, verified, stats)
 
     def cached(self, ref: AdapterRef | str, token: str | None = None, *, form: str | None = None) -> Served | None:
         """Like :meth:`serve` but never downloads: the served dir when it is complete and this
         process can vouch for it now (resolved, verified; intact, or rebuilt from the verified blob
         store and compared), else None."""
-        if isinstance(ref, str):
-            ref = AdapterRef.parse(ref)
-        token = token if token is not None else self.settings.registry_token
-        cache = self.cache_for(form or self.form)
-        stats = FetchStats()
-        reset = _counter.set(stats)
-        try:
+        with self._request(ref, token, form) as (ref, token, cache, stats):
             record = self.resolve(ref, token)
             verified = self.verify(ref, record, token)
             final = cache.version_dir(ref.owner, ref.name, record.version)
@@ -354,14 +361,8 @@ class Session:
                 entries = verified.entries([MANIFEST, BASIS, core_path(ref.name)])
                 if any(cache.cached_blob(e["sha256"], int(e["size"])) is None for e in entries):
                     return None  # that would need a download: serve() does it
-                client = self.client(token)
-                with cache.version_lock(ref.owner, ref.name, record.version):
-                    if not (cache.is_complete(final) and check_handed(cache, final)):
-                        build(verified, client, self._explain(ref, client), cache, final, stats, self.memo,
-                              self.settings.max_served_rank)
+                self._build(ref, token, verified, cache, final, stats, -1)
             self._accept(verified)
-        finally:
-            _counter.reset(reset)
         return Served(final, cache.form, verified, stats)
 
 
