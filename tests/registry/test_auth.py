@@ -82,7 +82,8 @@ def test_unknown_route_and_bad_version_use_the_error_shape(registry: Registry, o
                                   ("GET", "/v1/blobs/{digest}"), ("PUT", "/v1/adapters/{owner}/{name}/versions/{version}"),
                                   ("GET", "/v1/adapters/{owner}/{name}"), ("GET", "/v1/adapters/{owner}/{name}/versions"),
                                   ("GET", "/v1/adapters/{owner}/{name}/versions/{version}"), ("GET", "/v1/keys/{owner}"),
-                                  ("GET", "/v1/bases/{base_model}"), ("PUT", "/v1/bundles/{owner}/versions/{version}")])
+                                  ("GET", "/v1/bases/{base_model}"), ("PUT", "/v1/bundles/{owner}/versions/{version}"),
+                                  ("GET", "/v1/signatures/{digest}")])
     assert [k for k, op in ops.items() if op.get("security") != [{"token": []}]] == [("GET", "/healthz")]
 
 
